@@ -1,16 +1,16 @@
 """Run folder layout: one folder holds every stage's artifacts.
 
-    RUN/run.json                     dataset name and spec, taxonomy
-    RUN/teachers/generalist.keras    all classes
-    RUN/teachers/specialist_<k>.keras  vertical k's classes + a dustbin
-    RUN/teachers/teachers.json       manifest: file, role, output classes
-    RUN/teachers/{taxonomy.json,labels.txt,metrics.json}
-    RUN/student/student.keras        the deployable student
-    RUN/student/metrics.json
-    RUN/soft_targets/                cached top-K teacher outputs
-    RUN/tflite/                      exports, parity.json, test.npz
-    RUN/bench/                       bench.json, bench.md, bench.png
-    RUN/logs/                        TensorBoard logs
+RUN/run.json                     dataset name and spec, taxonomy
+RUN/teachers/generalist.keras    all classes
+RUN/teachers/specialist_<k>.keras  vertical k's classes + a dustbin
+RUN/teachers/teachers.json       manifest: file, role, output classes
+RUN/teachers/{taxonomy.json,labels.txt,metrics.json}
+RUN/student/student.keras        the deployable student
+RUN/student/metrics.json
+RUN/soft_targets/                cached top-K teacher outputs
+RUN/tflite/                      exports, parity.json, test.npz
+RUN/bench/                       bench.json, bench.md, bench.png
+RUN/logs/                        TensorBoard logs
 """
 
 import logging
