@@ -203,6 +203,11 @@ class Dataset:
             (fraction of a full turn) and `stroke` (max pixels of
             dilation or erosion).
         seed: seed of the split and shuffling.
+        taxonomy_provisional: True when the verticals are a placeholder
+            (an image folder without a taxonomy file puts every class in
+            one vertical). The caller derives verticals, for example by
+            clustering a generalist's confusion matrix, and installs them
+            with `with_taxonomy`.
     """
 
     name: str
@@ -212,6 +217,31 @@ class Dataset:
     splits: dict
     augment: dict | None = None
     seed: int = 0
+    taxonomy_provisional: bool = False
+
+    def with_taxonomy(self, taxonomy):
+        """Return a copy of this dataset with `taxonomy` as final verticals.
+
+        Args:
+            taxonomy: a `Taxonomy` with the same class names in the same
+                order.
+
+        Returns:
+            A `Dataset` sharing the splits, with `taxonomy_provisional`
+            False.
+
+        Raises:
+            KCError: the class names differ from this dataset's.
+        """
+        if tuple(taxonomy.class_names) != tuple(self.taxonomy.class_names):
+            raise KCError(
+                f"new taxonomy has {taxonomy.num_classes} classes that do "
+                f"not match the {self.taxonomy.num_classes} classes of "
+                f"dataset {self.name!r}; keep the class names and order"
+            )
+        return dataclasses.replace(
+            self, taxonomy=taxonomy, taxonomy_provisional=False
+        )
 
     def split(self, name):
         if name not in self.splits:
