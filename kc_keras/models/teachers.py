@@ -1,0 +1,811 @@
+"""Teacher models: one generalist and one specialist per vertical.
+
+The generalist classifies all classes. The specialist of vertical `k` starts
+from the generalist's weights: the backbone is copied, and its head keeps
+the generalist's weight columns of that vertical's classes plus one dustbin
+output ("an image of another vertical") initialised from the mean of the
+other columns. It is then fine-tuned on its vertical's images and a sample
+of other verticals' images labelled as the dustbin. Specialists trained from
+scratch on their vertical alone scored below the generalist on that
+vertical, so the routed ensemble fell below the generalist; fine-tuning from
+the generalist starts every specialist at the generalist's accuracy.
+
+`train_teachers` writes everything under `RUN/teachers/` (see
+`kc_keras.run`) and resumes an interrupted run; `load_teachers` reads the
+result back for the student and export stages.
+"""
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kc_keras import evaluation
+from kc_keras import io_utils
+from kc_keras import training
+from kc_keras.data.base import Preprocessing
+from kc_keras.data.base import Taxonomy
+from kc_keras.errors import KCError
+from kc_keras.models.backbones import BackboneSpec
+from kc_keras.models.backbones import build_features
+from kc_keras.run import RunDir
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+GENERALIST = "generalist"
+MANIFEST_FILE = "teachers.json"
+TAXONOMY_FILE = "taxonomy.json"
+LABELS_FILE = "labels.txt"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+HEAD_LAYER = "logits"
+CLUSTER_METHODS = ("spectral", "agglomerative")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """How the teachers are built and trained.
+
+    Attributes:
+        backbone: the backbone of every teacher.
+        epochs: generalist training epochs.
+        specialist_epochs: fine-tuning epochs of each specialist.
+        batch_size: images per training batch.
+        learning_rate: initial Adam learning rate of the generalist; it
+            follows a cosine decay to zero over the training.
+        specialist_learning_rate: initial learning rate of the specialist
+            fine-tuning, lower than the generalist's so fine-tuning does
+            not undo the copied weights.
+        dustbin_fraction: number of other verticals' training images a
+            specialist sees, as a fraction of its own vertical's images.
+        steps_per_epoch: batches per epoch, or None for one pass over the
+            training images (`--quick` sets a few).
+        seed: seed of weight initialisation and dustbin sampling.
+    """
+
+    backbone: BackboneSpec = BackboneSpec()
+    epochs: int = 4
+    specialist_epochs: int = 2
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    specialist_learning_rate: float = 5e-4
+    dustbin_fraction: float = 0.5
+    steps_per_epoch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "specialist_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise KCError(
+                    f"teacher {name} must be at least 1, got "
+                    f"{getattr(self, name)}"
+                )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise KCError(
+                "teacher steps_per_epoch must be at least 1 or None, got "
+                f"{self.steps_per_epoch}"
+            )
+        for name in ("learning_rate", "specialist_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise KCError(
+                    f"teacher {name} must be positive, got "
+                    f"{getattr(self, name)}"
+                )
+        if self.dustbin_fraction < 0:
+            raise KCError(
+                "dustbin_fraction must be zero or positive, got "
+                f"{self.dustbin_fraction}"
+            )
+
+    def to_dict(self):
+        data = dataclasses.asdict(self)
+        data["backbone"] = self.backbone.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        data["backbone"] = BackboneSpec.from_dict(data["backbone"])
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """How verticals are derived when a dataset has no taxonomy.
+
+    Attributes:
+        num_verticals: number of verticals K, or None for about
+            sqrt(num_classes) with at least 2 classes per vertical.
+        method: "spectral" or "agglomerative" clustering of the
+            generalist's confusion matrix.
+    """
+
+    num_verticals: int | None = None
+    method: str = "spectral"
+
+    def __post_init__(self):
+        if self.method not in CLUSTER_METHODS:
+            raise KCError(
+                f"unknown cluster method {self.method!r}; expected one of "
+                f"{', '.join(CLUSTER_METHODS)}"
+            )
+        if self.num_verticals is not None and self.num_verticals < 1:
+            raise KCError(
+                f"number of verticals must be at least 1, got "
+                f"{self.num_verticals}"
+            )
+
+    def resolve_num_verticals(self, num_classes):
+        """Return K for `num_classes` classes.
+
+        Raises:
+            KCError: K verticals cannot each get 2 classes.
+        """
+        if self.num_verticals is None:
+            return max(1, min(num_classes // 2, round(num_classes**0.5)))
+        if 2 * self.num_verticals > num_classes:
+            raise KCError(
+                f"--verticals {self.num_verticals} is too many for "
+                f"{num_classes} classes; each vertical needs at least 2 "
+                f"classes, so use at most {num_classes // 2}"
+            )
+        return self.num_verticals
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teachers:
+    """Trained teachers loaded from a run folder.
+
+    Attributes:
+        generalist: Keras model, one logit per class.
+        specialists: tuple of Keras models indexed by vertical; each outputs
+            its vertical's class logits (ascending class index) and then a
+            dustbin logit.
+        taxonomy: the `Taxonomy` the specialists were trained on.
+        preprocessing: the models' input format.
+        manifest: the content of teachers.json.
+    """
+
+    generalist: object
+    specialists: tuple
+    taxonomy: Taxonomy
+    preprocessing: Preprocessing
+    manifest: dict
+
+    def output_classes(self, vertical):
+        """Return the class index of each output of a specialist (-1 for
+        the dustbin)."""
+        return specialist_output_classes(self.taxonomy, vertical)
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+def specialist_name(vertical):
+    return f"specialist_{vertical}"
+
+
+def specialist_output_classes(taxonomy, vertical):
+    """Return the class index of each specialist output, -1 for the
+    dustbin."""
+    return list(taxonomy.vertical_classes(vertical)) + [-1]
+
+
+def build_generalist(num_classes, preprocessing, backbone):
+    """Build the generalist: backbone features and one logit per class.
+
+    Args:
+        num_classes: number of classes.
+        preprocessing: the dataset's `Preprocessing`.
+        backbone: a `BackboneSpec`.
+
+    Returns:
+        An uncompiled Keras 3 functional model.
+    """
+    inputs = keras.Input(preprocessing.input_shape, name="pixels")
+    features = build_features(inputs, backbone, preprocessing, keras)
+    logits = keras.layers.Dense(num_classes, name=HEAD_LAYER)(features)
+    return keras.Model(inputs, logits, name=GENERALIST)
+
+
+def build_specialist(generalist, taxonomy, vertical, preprocessing, backbone):
+    """Build the specialist of `vertical` initialised from the generalist.
+
+    Every backbone layer gets the generalist's weights. The head has one
+    output per class of the vertical (ascending class index) with the
+    generalist's weight column and bias of that class, then a dustbin
+    output whose column is the mean of the other classes' columns and
+    whose bias is their mean plus log(number of other classes), a rough
+    match of the log of their summed probabilities.
+
+    Args:
+        generalist: the trained generalist, built by `build_generalist`
+            with the same `preprocessing` and `backbone`.
+        taxonomy: the dataset's `Taxonomy`.
+        vertical: vertical index.
+        preprocessing: the dataset's `Preprocessing`.
+        backbone: a `BackboneSpec`.
+
+    Returns:
+        An uncompiled Keras 3 functional model.
+
+    Raises:
+        KCError: the generalist's architecture does not match `backbone`.
+    """
+    own = np.asarray(taxonomy.vertical_classes(vertical))
+    other = np.setdiff1d(np.arange(taxonomy.num_classes), own)
+    inputs = keras.Input(preprocessing.input_shape, name="pixels")
+    features = build_features(inputs, backbone, preprocessing, keras)
+    logits = keras.layers.Dense(len(own) + 1, name=HEAD_LAYER)(features)
+    model = keras.Model(inputs, logits, name=specialist_name(vertical))
+
+    source_layers = [
+        layer for layer in generalist.layers if layer.name != HEAD_LAYER
+    ]
+    target_layers = [
+        layer for layer in model.layers if layer.name != HEAD_LAYER
+    ]
+    if len(source_layers) != len(target_layers):
+        raise KCError(
+            f"the generalist has {len(source_layers)} backbone layers but "
+            f"backbone {backbone.name!r} builds {len(target_layers)}; train "
+            "the teachers again with --overwrite"
+        )
+    for source, target in zip(source_layers, target_layers, strict=True):
+        target.set_weights(source.get_weights())
+
+    kernel, bias = generalist.get_layer(HEAD_LAYER).get_weights()
+    dustbin_kernel = kernel[:, other].mean(axis=1, keepdims=True)
+    dustbin_bias = bias[other].mean() + np.log(len(other))
+    model.get_layer(HEAD_LAYER).set_weights(
+        [
+            np.concatenate([kernel[:, own], dustbin_kernel], axis=1),
+            np.concatenate([bias[own], [dustbin_bias]]).astype(bias.dtype),
+        ]
+    )
+    return model
+
+
+def compile_model(model, learning_rate, total_steps):
+    """Compile with Adam, cosine learning-rate decay and logit
+    cross-entropy."""
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate, decay_steps=max(1, total_steps)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
+# ---------------------------------------------------------------------------
+# Training data
+
+
+def specialist_dataset(dataset, vertical, dustbin_fraction, seed):
+    """Return `dataset` with the training data of one specialist.
+
+    The train and validation splits keep every image of the vertical and a
+    random sample of other verticals' images, `dustbin_fraction` times as
+    many (or all of them when there are fewer). The test split is kept
+    whole. Labels stay class indices: map them with
+    `evaluation.specialist_label_map`.
+
+    Args:
+        dataset: the full `Dataset`.
+        vertical: vertical index.
+        dustbin_fraction: other images per image of the vertical.
+        seed: seed of the sample.
+
+    Returns:
+        A `Dataset` sharing the image arrays' content.
+    """
+    class_vertical = np.asarray(dataset.taxonomy.class_vertical)
+    rng = np.random.default_rng([seed, vertical])
+    splits = dict(dataset.splits)
+    for name in ("train", "validation"):
+        split = dataset.split(name)
+        in_vertical = class_vertical[split.labels] == vertical
+        own = np.flatnonzero(in_vertical)
+        other = np.flatnonzero(~in_vertical)
+        count = min(len(other), int(round(dustbin_fraction * len(own))))
+        sample = rng.choice(other, size=count, replace=False)
+        splits[name] = split.subset(np.sort(np.concatenate([own, sample])))
+    return dataclasses.replace(dataset, splits=splits)
+
+
+def _steps_per_epoch(split, config):
+    if config.steps_per_epoch is not None:
+        return config.steps_per_epoch
+    return max(1, -(-len(split) // config.batch_size))
+
+
+def _train(
+    model,
+    dataset,
+    run_dir,
+    config,
+    epochs,
+    learning_rate,
+    label_map,
+    extra_callbacks,
+):
+    """Compile and fit one teacher, resuming from its backup if any."""
+    steps = _steps_per_epoch(dataset.split("train"), config)
+    compile_model(model, learning_rate, steps * epochs)
+    repeat = config.steps_per_epoch is not None
+    train = dataset.pipeline(
+        "train", config.batch_size, label_map=label_map, repeat=repeat
+    )
+    validation = None
+    if len(dataset.split("validation")):
+        validation = dataset.pipeline(
+            "validation", config.batch_size, label_map=label_map
+        )
+    if training.has_backup(run_dir, model.name):
+        logger.info("resuming %s from its backup", model.name)
+    training.fit(
+        model,
+        train,
+        validation,
+        epochs=epochs,
+        steps_per_epoch=steps if repeat else None,
+        callbacks=training.run_callbacks(
+            run_dir, model.name, extra=extra_callbacks
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------
+# The whole stage
+
+
+def train_teachers(
+    dataset,
+    run_dir,
+    config=TeacherConfig(),
+    *,
+    overwrite=False,
+    cluster=None,
+    extra_callbacks=(),
+):
+    """Train, evaluate and save the generalist and every specialist.
+
+    Models already saved in `RUN/teachers/` are loaded instead of trained,
+    and an interrupted training resumes from its backup, so rerunning after
+    a kill continues where it stopped.
+
+    Args:
+        dataset: the loaded `Dataset`.
+        run_dir: a `RunDir` or a path.
+        config: a `TeacherConfig`.
+        overwrite: delete existing teachers and backups first, and accept
+            a run folder of another dataset.
+        cluster: a `ClusterConfig`, used only when the dataset's taxonomy
+            is provisional (an image folder without a taxonomy file): the
+            verticals are then derived by clustering the generalist's
+            confusion matrix on the validation split. None means
+            `ClusterConfig()`.
+        extra_callbacks: Keras callbacks added to every `fit` (tests use
+            them to interrupt training).
+
+    Returns:
+        The metrics dict written to metrics.json.
+
+    Raises:
+        KCError: the run folder belongs to another dataset or its teachers
+            were trained with other settings, and `overwrite` is False.
+    """
+    run_dir = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
+    cluster = cluster or ClusterConfig()
+    run_dir.claim(dataset.spec, overwrite=overwrite)
+    if overwrite:
+        _remove_teachers(run_dir)
+    _check_config(run_dir, dataset, config, cluster)
+
+    generalist = _generalist(dataset, run_dir, config, extra_callbacks)
+    clustered = dataset.taxonomy_provisional
+    taxonomy = _taxonomy(dataset, run_dir, generalist, cluster, config.seed)
+    dataset = dataset.with_taxonomy(taxonomy)
+    io_utils.write_json(
+        run_dir.run_file,
+        {**run_dir.read_run_info(), "taxonomy": taxonomy.to_dict()},
+    )
+    io_utils.write_text(
+        run_dir.teachers / LABELS_FILE,
+        "".join(f"{name}\n" for name in taxonomy.class_names),
+    )
+
+    specialists = [
+        _specialist(dataset, run_dir, config, generalist, v, extra_callbacks)
+        for v in range(taxonomy.num_verticals)
+    ]
+    metrics = evaluate_teachers(generalist, specialists, dataset)
+    io_utils.write_json(
+        run_dir.teachers / METRICS_FILE, evaluation.json_safe(metrics)
+    )
+    io_utils.write_json(
+        run_dir.teachers / MANIFEST_FILE,
+        _manifest(dataset, config, clustered),
+    )
+    _warn_weak_specialists(metrics)
+    return metrics
+
+
+def _remove_teachers(run_dir):
+    if run_dir.teachers.exists():
+        shutil.rmtree(run_dir.teachers)
+    backups = run_dir.logs / training.BACKUP_FOLDER
+    if backups.exists():
+        for path in backups.iterdir():
+            if path.name == GENERALIST or path.name.startswith("specialist_"):
+                shutil.rmtree(path)
+
+
+def _check_config(run_dir, dataset, config, cluster):
+    """Record the settings, or reject ones that differ from a previous
+    run's."""
+    settings = {
+        "config": config.to_dict(),
+        "cluster": (
+            cluster.to_dict() if dataset.taxonomy_provisional else None
+        ),
+        "taxonomy": (
+            None if dataset.taxonomy_provisional else dataset.taxonomy.to_dict()
+        ),
+    }
+    path = run_dir.teachers / CONFIG_FILE
+    if path.exists():
+        previous = io_utils.read_json(path)
+        if previous != settings:
+            changed = sorted(
+                key for key in settings if previous.get(key) != settings[key]
+            )
+            raise KCError(
+                f"the teachers in {run_dir.teachers} were trained with "
+                f"other settings ({', '.join(changed)} differ); pass "
+                "--overwrite to train them again or use another --run folder"
+            )
+        return
+    io_utils.write_json(path, settings)
+
+
+def _generalist(dataset, run_dir, config, extra_callbacks):
+    path = run_dir.generalist_path()
+    if path.exists():
+        logger.info("using the trained generalist %s", path)
+        model = training.load_model(path)
+        _check_outputs(model, path, dataset.taxonomy.num_classes)
+        return model
+    keras.utils.set_random_seed(config.seed)
+    model = build_generalist(
+        dataset.taxonomy.num_classes, dataset.preprocessing, config.backbone
+    )
+    logger.info(
+        "training the generalist: %d classes, %d training images",
+        dataset.taxonomy.num_classes,
+        len(dataset.split("train")),
+    )
+    _train(
+        model,
+        dataset,
+        run_dir,
+        config,
+        config.epochs,
+        config.learning_rate,
+        None,
+        extra_callbacks,
+    )
+    training.save_model(model, path)
+    training.remove_backup(run_dir, GENERALIST)
+    return model
+
+
+def _taxonomy(dataset, run_dir, generalist, cluster, seed):
+    """Return the dataset's taxonomy, or cluster one from confusions."""
+    path = run_dir.teachers / TAXONOMY_FILE
+    if not dataset.taxonomy_provisional:
+        io_utils.write_json(path, dataset.taxonomy.to_dict())
+        return dataset.taxonomy
+    if path.exists():
+        logger.info("using the clustered taxonomy %s", path)
+        return Taxonomy.from_dict(io_utils.read_json(path))
+    taxonomy = cluster_taxonomy(generalist, dataset, cluster, seed)
+    io_utils.write_json(path, taxonomy.to_dict())
+    return taxonomy
+
+
+def cluster_taxonomy(generalist, dataset, cluster, seed):
+    """Group confusable classes into verticals.
+
+    Args:
+        generalist: the trained generalist.
+        dataset: the `Dataset`; its validation split is used.
+        cluster: a `ClusterConfig`.
+        seed: clustering seed.
+
+    Returns:
+        A `Taxonomy` with the dataset's class names and the clustered
+        verticals.
+
+    Raises:
+        KCError: the validation split is empty.
+    """
+    from kc_keras.data.clustering import cluster_confusion
+
+    split = dataset.split("validation")
+    if not len(split):
+        raise KCError(
+            "clustering classes into verticals needs validation images, "
+            "but the validation split is empty; pass a --taxonomy file"
+        )
+    num_verticals = cluster.resolve_num_verticals(dataset.taxonomy.num_classes)
+    logits = training.predict_logits(generalist, split.images)
+    confusion = evaluation.confusion_matrix(
+        logits, split.labels, dataset.taxonomy.num_classes
+    )
+    result = cluster_confusion(confusion, num_verticals, cluster.method, seed)
+    if isinstance(result, Taxonomy):
+        taxonomy = result
+    else:
+        class_vertical = tuple(int(v) for v in np.asarray(result))
+        taxonomy = Taxonomy(
+            class_names=dataset.taxonomy.class_names,
+            vertical_names=tuple(
+                f"vertical_{k}" for k in range(max(class_vertical) + 1)
+            ),
+            class_vertical=class_vertical,
+        )
+    logger.info(
+        "clustered %d classes into %d verticals of sizes %s (%s)",
+        taxonomy.num_classes,
+        taxonomy.num_verticals,
+        list(taxonomy.vertical_sizes),
+        cluster.method,
+    )
+    return taxonomy
+
+
+def _specialist(dataset, run_dir, config, generalist, vertical, callbacks):
+    taxonomy = dataset.taxonomy
+    path = run_dir.specialist_path(vertical)
+    num_outputs = len(taxonomy.vertical_classes(vertical)) + 1
+    if path.exists():
+        logger.info("using the trained specialist %s", path)
+        model = training.load_model(path)
+        _check_outputs(model, path, num_outputs)
+        return model
+    keras.utils.set_random_seed(config.seed + 1 + vertical)
+    model = build_specialist(
+        generalist,
+        taxonomy,
+        vertical,
+        dataset.preprocessing,
+        config.backbone,
+    )
+    data = specialist_dataset(
+        dataset, vertical, config.dustbin_fraction, config.seed
+    )
+    logger.info(
+        "training specialist %d (%s): %d classes + dustbin, %d training images",
+        vertical,
+        taxonomy.vertical_names[vertical],
+        num_outputs - 1,
+        len(data.split("train")),
+    )
+    _train(
+        model,
+        data,
+        run_dir,
+        config,
+        config.specialist_epochs,
+        config.specialist_learning_rate,
+        evaluation.specialist_label_map(taxonomy.class_vertical, vertical),
+        callbacks,
+    )
+    training.save_model(model, path)
+    training.remove_backup(run_dir, model.name)
+    return model
+
+
+def _check_outputs(model, path, expected):
+    outputs = int(model.output_shape[-1])
+    if outputs != expected:
+        raise KCError(
+            f"{path} has {outputs} outputs but {expected} are expected for "
+            "this taxonomy; train the teachers again with --overwrite"
+        )
+
+
+def _manifest(dataset, config, clustered):
+    taxonomy = dataset.taxonomy
+    models = [
+        {
+            "name": GENERALIST,
+            "file": f"{GENERALIST}.keras",
+            "role": "generalist",
+            "vertical": None,
+            "output_classes": list(range(taxonomy.num_classes)),
+        }
+    ]
+    for v in range(taxonomy.num_verticals):
+        models.append(
+            {
+                "name": specialist_name(v),
+                "file": f"{specialist_name(v)}.keras",
+                "role": "specialist",
+                "vertical": v,
+                "vertical_name": taxonomy.vertical_names[v],
+                "output_classes": specialist_output_classes(taxonomy, v),
+            }
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset.spec,
+        "config": config.to_dict(),
+        "clustered": clustered,
+        "taxonomy": taxonomy.to_dict(),
+        "preprocessing": dataset.preprocessing.to_dict(),
+        "models": models,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_teachers(generalist, specialists, dataset, split="test"):
+    """Score every teacher and both ensembles on one split.
+
+    Args:
+        generalist: the generalist Keras model.
+        specialists: specialist Keras models indexed by vertical.
+        dataset: the `Dataset` (its taxonomy must be the specialists').
+        split: the split to score.
+
+    Returns:
+        `{"split", "num_images", "models": {name: report}, "ensembles":
+        {"routed": report, "full": report}}` with the reports of
+        `kc_keras.evaluation`.
+    """
+    taxonomy = dataset.taxonomy
+    data = dataset.split(split)
+    class_vertical = taxonomy.class_vertical
+    names = list(taxonomy.vertical_names)
+    generalist_logits = training.predict_logits(generalist, data.images)
+    models = {
+        GENERALIST: evaluation.accuracy_report(
+            generalist_logits, data.labels, class_vertical, names
+        )
+    }
+    specialist_probs = []
+    for v, specialist in enumerate(specialists):
+        logits = training.predict_logits(specialist, data.images)
+        specialist_probs.append(evaluation.softmax(logits))
+        models[specialist_name(v)] = evaluation.specialist_report(
+            logits,
+            generalist_logits,
+            data.labels,
+            class_vertical,
+            names,
+            v,
+        )
+    ensembles = evaluation.ensemble_reports(
+        evaluation.softmax(generalist_logits),
+        specialist_probs,
+        data.labels,
+        class_vertical,
+        names,
+    )
+    return {
+        "split": split,
+        "num_images": len(data),
+        "models": models,
+        "ensembles": ensembles,
+    }
+
+
+def _warn_weak_specialists(metrics):
+    for name, report in metrics["models"].items():
+        own = report.get("own_vertical")
+        if own is None or not own["num_images"]:
+            continue
+        if not own["gain"] > 0:
+            logger.warning(
+                "%s does not beat the generalist on vertical %s: top-1 "
+                "%.4f vs %.4f on %d test images",
+                name,
+                report["vertical_name"],
+                own["top1"],
+                own["generalist_top1"],
+                own["num_images"],
+            )
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_teachers(run_dir):
+    """Load the teachers of a run folder and check they fit together.
+
+    Args:
+        run_dir: a `RunDir` or a path.
+
+    Returns:
+        A `Teachers`.
+
+    Raises:
+        KCError: teachers.json or a model file is missing, a vertical has
+            no specialist, or a model's output size does not match the
+            taxonomy.
+    """
+    run_dir = RunDir(run_dir) if not isinstance(run_dir, RunDir) else run_dir
+    manifest_path = run_dir.teachers / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise KCError(
+            f"no teachers in {run_dir.root} ({manifest_path} not found); "
+            f"run `kc teachers --run {run_dir.root}` first"
+        )
+    manifest = io_utils.read_json(manifest_path)
+    taxonomy = Taxonomy.from_dict(manifest["taxonomy"])
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    entries = {}
+    for entry in manifest["models"]:
+        key = GENERALIST if entry["role"] == GENERALIST else entry["vertical"]
+        entries[key] = entry
+
+    generalist = _load_entry(
+        run_dir,
+        entries.get(GENERALIST),
+        f"{GENERALIST}.keras",
+        list(range(taxonomy.num_classes)),
+    )
+    specialists = tuple(
+        _load_entry(
+            run_dir,
+            entries.get(v),
+            f"{specialist_name(v)}.keras",
+            specialist_output_classes(taxonomy, v),
+        )
+        for v in range(taxonomy.num_verticals)
+    )
+    return Teachers(
+        generalist=generalist,
+        specialists=specialists,
+        taxonomy=taxonomy,
+        preprocessing=preprocessing,
+        manifest=manifest,
+    )
+
+
+def _load_entry(run_dir, entry, default_file, output_classes):
+    if entry is None:
+        raise KCError(
+            f"{run_dir.teachers / MANIFEST_FILE} lists no {default_file}; "
+            "train the teachers again with `kc teachers --overwrite`"
+        )
+    path = Path(run_dir.teachers) / entry["file"]
+    if not path.is_file():
+        raise KCError(
+            f"teacher model {path} not found; rerun `kc teachers --run "
+            f"{run_dir.root}` to train it"
+        )
+    if list(entry["output_classes"]) != list(output_classes):
+        raise KCError(
+            f"{path}: teachers.json lists output classes "
+            f"{entry['output_classes']} but the taxonomy gives "
+            f"{output_classes}; train the teachers again with --overwrite"
+        )
+    model = training.load_model(path)
+    _check_outputs(model, path, len(output_classes))
+    return model
