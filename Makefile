@@ -46,7 +46,21 @@ bench: setup
 demo: distill
 	$(MAKE) tflite bench DATASET=$(DATASET) RUN=$(RUN) QUICK=$(QUICK)
 
-test: setup
+# A second, small environment with the tflite-runtime fallback, which
+# needs numpy<2: the tests run mobile_demo/benchmark.py in it.
+TFLITE_RUNTIME_VENV := .venv-tflite-runtime
+TFLITE_RUNTIME_STAMP := $(TFLITE_RUNTIME_VENV)/.kc-setup-done
+
+$(TFLITE_RUNTIME_VENV): $(TFLITE_RUNTIME_STAMP)
+
+$(TFLITE_RUNTIME_STAMP):
+	@test -x $(TFLITE_RUNTIME_VENV)/bin/python || \
+		$(PYTHON) -m venv $(TFLITE_RUNTIME_VENV)
+	$(TFLITE_RUNTIME_VENV)/bin/python -m pip install --quiet \
+		"numpy<2" tflite-runtime==2.14.0
+	@touch $@
+
+test: setup $(TFLITE_RUNTIME_STAMP)
 	$(PY) -m pytest -q tests
 
 lint: setup
