@@ -7,6 +7,7 @@ take float32 pixel values in [0, 255] and embed the scaling themselves (see
 `Preprocessing`), so the same test images feed Keras, TFLite and the web demo.
 """
 
+import collections
 import dataclasses
 import logging
 
@@ -104,9 +105,9 @@ class Taxonomy:
 
     @property
     def vertical_sizes(self):
-        return tuple(
-            len(self.vertical_classes(v)) for v in range(self.num_verticals)
-        )
+        # One counting pass, so validating 100,000 classes stays fast.
+        counts = collections.Counter(self.class_vertical)
+        return tuple(counts[v] for v in range(self.num_verticals))
 
     @property
     def is_contiguous(self):
