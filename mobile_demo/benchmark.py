@@ -182,8 +182,16 @@ def _buffer_bytes(data, buffer):
 
 
 def read_model_metadata(path):
-    """Return the kc-keras metadata JSON of a .tflite file, or {}."""
-    entries = read_metadata(Path(path).read_bytes())
+    """Return the kc-keras metadata JSON of a .tflite file, or {}.
+
+    Raises:
+        TFLiteError: the file is not a readable TFLite model; the message
+            names the file.
+    """
+    try:
+        entries = read_metadata(Path(path).read_bytes())
+    except TFLiteError as error:
+        raise TFLiteError(f"{path}: {error}") from error
     if METADATA_NAME not in entries:
         return {}
     return json.loads(entries[METADATA_NAME].decode("utf-8"))
@@ -234,6 +242,13 @@ class TFLiteModel:
         self.size_bytes = len(model_bytes)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
+        labels = self.metadata.get("labels")
+        if labels is not None and len(labels) != self.num_outputs:
+            raise TFLiteError(
+                f"{self.path}: metadata lists {len(labels)} labels but the "
+                f"model has {self.num_outputs} outputs; re-export it with "
+                "`kc tflite`"
+            )
 
     @property
     def input_dtype(self):
@@ -1240,18 +1255,26 @@ def render_markdown(report):
         f"- Date: {report['date']}",
         f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
         f"{machine.get('platform')}",
-        f"- Runtime: {runtime['name']} {runtime['version']}, numpy "
-        f"{report.get('numpy_version', 'n/a')}",
-        f"- Test images: {settings.get('images', 'n/a')}, batch size 1, "
-        f"{settings.get('warmup_runs')} warm-up runs (not timed), "
-        f"{settings.get('timed_runs')} timed runs",
-        f"- Command: `{report.get('command') or 'n/a'}`",
+        f"- Runtime: {runtime['name']} {runtime['version']}"
+        + (
+            f", numpy {report['numpy_version']}"
+            if report.get("numpy_version")
+            else ""
+        ),
     ]
+    if settings.get("images") is not None:
+        lines.append(
+            f"- Test images: {settings['images']}, batch size 1, "
+            f"{settings['warmup_runs']} warm-up runs (not timed), "
+            f"{settings['timed_runs']} timed runs"
+        )
+    lines.append(f"- Command: `{report.get('command') or 'n/a'}`")
     if report.get("memory_baseline_mb") is not None:
         lines.append(
             "- Peak memory of a process with only numpy and the runtime "
             f"imported: {report['memory_baseline_mb']:.1f} MiB"
         )
+    lines += [f"- {note}" for note in report.get("notes", [])]
     lines.append("")
     for threads in settings["threads"]:
         lines += [
@@ -1278,7 +1301,7 @@ def render_markdown(report):
                 f"{_fmt(system.get('model_bytes'), 1, 1 / 1024)} | "
                 f"{_fmt(measured.get('peak_rss_mb'), 1)} | "
                 f"{_fmt(measured.get('peak_rss_above_baseline_mb'), 1)} | "
-                f"{measured.get('threads_started', 'n/a')} |"
+                f"{_fmt(measured.get('threads_started'), 0)} |"
             )
         lines.append("")
     lines += _render_verticals(report) + _render_ratios(report)
@@ -1648,10 +1671,22 @@ def benchmark_model_report(text, command=""):
             "version": device.get("benchmark_model", "unknown"),
         },
         "numpy_version": None,
+        "notes": [
+            "Measured by LiteRT's benchmark_model on random inputs, so "
+            "accuracy is not measured.",
+            "Latency targets use the mean, which every benchmark_model "
+            "version prints.",
+            "Ensembles marked estimated add up per-model means: full = "
+            "generalist + every specialist, routed = generalist + the "
+            "specialists' average (even routing assumed).",
+            "Peak RSS is benchmark_model's periodic peak memory footprint "
+            "(--report_peak_memory_footprint); above baseline is its "
+            "overall memory delta from the tool's start.",
+        ],
         "settings": {
             "images": None,
-            "warmup_runs": "benchmark_model default",
-            "timed_runs": "see count",
+            "warmup_runs": None,
+            "timed_runs": None,
             "threads": threads,
             "batch_size": 1,
             "latency_statistic": "mean",
