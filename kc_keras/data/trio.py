@@ -193,6 +193,11 @@ def load_animals(directory=None):
                 "animal-mnist`"
             ) from error
     images, labels = arrays
+    if not all(isinstance(array, np.ndarray) for array in arrays):
+        raise KCError(
+            f"animal-mnist data in {directory} does not hold numpy arrays; "
+            "reinstall it with `pip install --force-reinstall animal-mnist`"
+        )
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise KCError(
             f"animal-mnist data in {directory} has images {images.shape} "
