@@ -1016,10 +1016,10 @@ def run_benchmark(config):
         )
     runtime, runtime_version, _ = load_runtime(config.runtime)
     threads = thread_counts(config.threads)
-    images, labels = load_test_set(config.test, config.limit)
     systems, taxonomy = plan_systems(
         config.models, config.modes, config.ensemble_modes
     )
+    images, labels = load_test_set(config.test, config.limit)
     validate_exports(config.models, systems, taxonomy, images, labels, runtime)
     logger.info(
         "benchmarking %d systems on %d images with %s %s, threads %s",
