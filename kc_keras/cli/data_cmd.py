@@ -106,15 +106,15 @@ def format_summary(summary, all_classes=False):
     lines.append("")
     if all_classes or len(classes) <= MAX_LISTED_CLASSES:
         lines.append("per class (vertical, train/validation/test images):")
-        shown = classes
+        listed_classes = classes
     else:
         lines.append(
             f"per class, the {EXTREME_CLASSES} smallest and largest by "
             "train images (--all-classes lists every class):"
         )
         ordered = sorted(classes, key=lambda entry: entry["train"])
-        shown = ordered[:EXTREME_CLASSES] + ordered[-EXTREME_CLASSES:]
-    for entry in shown:
+        listed_classes = ordered[:EXTREME_CLASSES] + ordered[-EXTREME_CLASSES:]
+    for entry in listed_classes:
         lines.append(
             f"  {entry['name']} ({entry['vertical']}): " + format_counts(entry)
         )

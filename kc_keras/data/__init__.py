@@ -69,7 +69,7 @@ def load_dataset(
 ):
     """Load a dataset by name.
 
-    The returned dataset's `spec` holds exactly these arguments (with
+    The returned dataset's `spec` contains exactly these arguments (with
     `name`), in JSON form, so `load_dataset(**dataset.spec)` reloads the
     same data.
 

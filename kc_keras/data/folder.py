@@ -1,7 +1,7 @@
 """image-folder: user images laid out as PATH/<class>/<image>.
 
 Each subfolder of PATH is a class (sorted by name, hidden folders skipped)
-and holds .jpg, .jpeg, .png, .bmp, .gif or .webp files. Images are
+and contains .jpg, .jpeg, .png, .bmp, .gif or .webp files. Images are
 converted to RGB, centre-cropped to the target aspect ratio and resized to
 `image_size` (default 64x64, small enough for CPU training and phone
 inference yet large enough for photographs). GIFs contribute their first

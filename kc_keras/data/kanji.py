@@ -9,7 +9,7 @@ leaves 48 radical verticals and "other".
 Each class has one image per font: Noto Sans CJK JP and Noto Serif CJK JP
 in Regular and Bold (fonts-noto-cjk), the three Kouzan brush styles
 (fonts-kouzan-mouhitsu) and Seto (fonts-seto). The split is by font, so
-test images come from styles that training never sees:
+test images come from styles absent from training:
     train: Noto Sans Regular and Bold, Noto Serif Regular, Kouzan
         (regular script) and Kouzan Sousyo (cursive script);
     validation: Noto Serif Bold;
@@ -139,14 +139,14 @@ def build_taxonomy(kanji, min_radical_size=MIN_RADICAL_SIZE):
     """
     radicals = np.array([radical for _, radical in kanji])
     numbers, counts = np.unique(radicals, return_counts=True)
-    kept = [
+    kept_radicals = [
         int(n)
         for n, c in zip(numbers, counts, strict=True)
         if c >= min_radical_size
     ]
-    vertical_names = [radical_name(n) for n in kept]
-    vertical_of_radical = {n: v for v, n in enumerate(kept)}
-    other = len(kept)
+    vertical_names = [radical_name(n) for n in kept_radicals]
+    vertical_of_radical = {n: v for v, n in enumerate(kept_radicals)}
+    other = len(kept_radicals)
     if any(int(r) not in vertical_of_radical for r in radicals):
         vertical_names.append(OTHER_VERTICAL)
     verticals = np.array(

@@ -110,8 +110,8 @@ def make_pipeline(
     )
     data = tf.data.Dataset.from_tensor_slices((images, labels))
     # Caching the uint8 elements keeps the source arrays out of the
-    # per-epoch work; augmentation runs after the cache so every epoch
-    # sees new random transforms.
+    # per-epoch work; augmentation runs after the cache so that each epoch
+    # gets new random transforms.
     data = data.cache()
     if shuffle:
         data = data.shuffle(
@@ -262,8 +262,8 @@ def random_affine(images, settings, seed):
 
     Args:
         images: float32 tensor (batch, height, width, channels).
-        settings: a dict from `validate_augment`; `rotation` is a fraction
-            of a full turn, `scale` a relative size change and `shift` a
+        settings: a dict from `validate_augment`. `rotation` is a fraction
+            of a full turn and `scale` a relative size change. `shift` is a
             fraction of the image size.
         seed: int64 tensor of shape (2,).
 

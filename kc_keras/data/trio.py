@@ -8,9 +8,9 @@ the three source datasets. Class counts stay unbalanced on purpose: the
 clothing classes have 14 times the images of a digit class.
 
 Splits are seeded and stratified per class. Fashion-MNIST keeps its own
-10,000-image test set and gives 10% of its training set to validation; the
-digits and animals have no official split and give 15% to validation and
-15% to test.
+10,000-image test set and gives 10% of its training set to validation. The
+digits and animals have no official split, so each gives 15% to validation
+and 15% to test.
 
 All three use white objects on a black background, as MNIST does. The
 animal silhouettes were checked (border mean about 4, centre mean about 193
