@@ -487,10 +487,12 @@ def per_vertical_top1(scores, labels, class_vertical, vertical_names):
 # Exports and systems
 
 EXPORT_MODES = ("float32", "float16", "dynamic", "ptq-int8", "qat-int8")
-# The deployable student is the quantization-aware one; PTQ is the fallback.
+# The deployable student is the quantization-aware one, with PTQ as the
+# fallback.
 STUDENT_TARGET_MODES = ("qat-int8", "ptq-int8")
 DEFAULT_ENSEMBLE_MODES = ("ptq-int8",)
-# Test images hold raw pixels; `TFLiteModel.quantize_input` accepts these.
+# Test images contain raw pixels in these dtypes, which
+# `TFLiteModel.quantize_input` accepts.
 PIXEL_DTYPES = (np.uint8, np.float32)
 KIND_LABELS = {
     "student": "student",
@@ -502,7 +504,7 @@ KIND_LABELS = {
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """Settings of one benchmark run; each field is a command-line option.
+    """Settings of one benchmark run. Each field maps to a command-line option.
 
     Args:
         models: folder of .tflite exports (a run's `tflite/` folder).
@@ -923,14 +925,16 @@ def run_worker(job):
             job["vertical_names"],
         )
     threads_after = _proc_status("Threads")
-    # Thread pools start when an interpreter is created or first invoked;
-    # the calling thread takes part in inference, hence the + 1. Each
+    # Thread pools start when an interpreter is created or first invoked.
+    # The calling thread takes part in inference, hence the + 1. Each
     # interpreter of an ensemble owns its pool.
     result["threads_started"] = (
         None
         if threads_before is None or threads_after is None
         else threads_after - threads_before + 1
     )
+    # NOTE: the peak includes the test images this process loaded
+    # (settings.images x image_shape bytes), which the baseline excludes.
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -960,22 +964,25 @@ def _spawn_worker(job):
 
 def machine_info():
     """Return the platform, CPU model and core count of this machine."""
-    cpu = None
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                # x86 names the CPU in "model name"; ARM boards use
-                # "Hardware" or "Model" (Raspberry Pi).
-                if key.strip() in ("model name", "Hardware", "Model"):
-                    cpu = value.strip()
-                    break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    # x86 and many ARM kernels name the core in "model name". Boards add
+    # "Hardware" (SoC) or "Model" (Raspberry Pi), and some ARM kernels
+    # print only those.
+    core = fields.get("model name")
+    board = fields.get("Model") or fields.get("Hardware")
+    parts = [part for part in (core, board) if part]
+    cpu = ", ".join(parts) or platform.processor() or "unknown"
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": cpu or platform.processor() or "unknown",
+        "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }
@@ -1244,8 +1251,8 @@ def _measured(system, threads):
     return {}
 
 
-def render_markdown(report):
-    """Return bench.md: results per thread count, ratios and targets."""
+def _render_header(report):
+    """Return the bench.md lines that describe the machine and settings."""
     machine = report["machine"]
     runtime = report["runtime"]
     settings = report["settings"]
@@ -1275,6 +1282,13 @@ def render_markdown(report):
             f"imported: {report['memory_baseline_mb']:.1f} MiB"
         )
     lines += [f"- {note}" for note in report.get("notes", [])]
+    return lines
+
+
+def render_markdown(report):
+    """Return bench.md: results per thread count, ratios and targets."""
+    settings = report["settings"]
+    lines = _render_header(report)
     lines.append("")
     for threads in settings["threads"]:
         lines += [
@@ -1520,7 +1534,7 @@ def parse_benchmark_model_log(text):
         header lines written by android_benchmark.sh).
 
     Raises:
-        TFLiteError: the log holds no complete benchmark_model run.
+        TFLiteError: the log contains no complete benchmark_model run.
     """
     runs, device, current = [], {}, None
     for line in text.splitlines():

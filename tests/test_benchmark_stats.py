@@ -188,7 +188,7 @@ def test_parse_sample_log_runs():
 
 
 def test_parse_log_without_percentiles():
-    # Older benchmark_model versions print no p5/median/p95.
+    # Some benchmark_model builds print no p5, median or p95.
     runs, _ = benchmark.parse_benchmark_model_log(SAMPLE_LOG.read_text())
     float_runs = [r for r in runs if r["graph"].endswith("float32.tflite")]
     assert len(float_runs) == 2
