@@ -19,8 +19,8 @@ STAMP := $(VENV)/.kc-setup-done
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-cjk fonts-kouzan-mouhitsu \
 	fonts-seto kanjidic-xml chromium
 
-.PHONY: setup demo teachers distill tflite bench test web ablate bench-scale \
-	android-assets lint clean-run
+.PHONY: setup demo teachers distill tflite bench test web web-deps ablate \
+	bench-scale android-assets lint clean-run
 
 setup: $(STAMP)
 
@@ -60,7 +60,40 @@ $(TFLITE_RUNTIME_STAMP):
 		"numpy<2" tflite-runtime==2.14.0
 	@touch $@
 
-test: setup $(TFLITE_RUNTIME_STAMP)
+# Web demo: LiteRT.js page built around the student export. npm ci
+# installs the exact versions of package-lock.json (LiteRT.js with its
+# WebAssembly files, and playwright-core, which drives the Debian Chromium
+# in the tests and never downloads a browser).
+WEB_DIR := mobile_demo/web
+WEB_DEPS := $(WEB_DIR)/node_modules/.package-lock.json
+WEB_MODEL ?= $(RUN)/tflite/student_qat-int8.tflite
+
+web-deps: $(WEB_DEPS)
+
+$(WEB_DEPS): $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json
+	cd $(WEB_DIR) && npm ci --no-audit --no-fund
+	@touch $@
+
+web: $(WEB_DEPS)
+	node $(WEB_DIR)/build.mjs --model $(WEB_MODEL) --out $(WEB_DIR)/dist
+	@echo "serve it: python3 -m http.server --bind 127.0.0.1 -d $(WEB_DIR)/dist 8000"
+
+# Android demo: copy the student export, its metadata sidecar, the labels
+# and the golden vectors of the unit tests into the app (the Gradle task
+# copyKcAssets does the same from inside Android Studio).
+ANDROID_APP := mobile_demo/android/app
+ANDROID_MODEL ?= student_qat-int8
+
+android-assets:
+	@test -f $(RUN)/tflite/$(ANDROID_MODEL).tflite || { echo \
+		"error: $(RUN)/tflite/$(ANDROID_MODEL).tflite not found; run make tflite first" >&2; exit 2; }
+	mkdir -p $(ANDROID_APP)/src/main/assets $(ANDROID_APP)/src/test/resources
+	cp $(RUN)/tflite/$(ANDROID_MODEL).tflite $(ANDROID_APP)/src/main/assets/model.tflite
+	cp $(RUN)/tflite/$(ANDROID_MODEL).json $(ANDROID_APP)/src/main/assets/model.json
+	cp $(RUN)/tflite/labels.txt $(ANDROID_APP)/src/main/assets/labels.txt
+	cp $(RUN)/tflite/golden.json $(ANDROID_APP)/src/test/resources/golden.json
+
+test: setup $(TFLITE_RUNTIME_STAMP) $(WEB_DEPS)
 	$(PY) -m pytest -q tests
 
 lint: setup
