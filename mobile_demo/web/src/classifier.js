@@ -58,8 +58,8 @@ export function topK(scores, k) {
  * Converts RGBA canvas pixels to the model's pixel layout.
  *
  * @param {Uint8ClampedArray} rgba width * height * 4 values.
- * @param {number} channels 1 for grayscale (ITU-R BT.601 luma, as PIL's
- *     "L" mode) or 3 for RGB.
+ * @param {number} channels 1 for grayscale (ITU-R BT.601 luma weights
+ *     0.299, 0.587, 0.114, rounded) or 3 for RGB.
  * @param {boolean} invert replace each value v by 255 - v, for photos of
  *     dark shapes on a light background when the model was trained on
  *     light shapes on black (MNIST-style data).
