@@ -825,12 +825,28 @@ class LoadedSystem:
             for name in spec.models
         ]
 
+    @staticmethod
+    def probabilities(model, images):
+        """Return a model's class probabilities for a batch of images.
+
+        Models exported with a logits output (metadata output kind
+        "logits") get a softmax here, because the ensemble rules combine
+        probabilities.
+        """
+        outputs = model.predict(images)
+        if model.metadata.get("output", {}).get("kind") != "logits":
+            return outputs
+        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
     def scores(self, images):
         """Return (batch, num_classes) scores for a batch of images."""
         if self.spec.kind in ("student", "generalist"):
-            return self.models[0].predict(images)
-        generalist = self.models[0].predict(images)
-        specialists = [model.predict(images) for model in self.models[1:]]
+            return self.probabilities(self.models[0], images)
+        generalist = self.probabilities(self.models[0], images)
+        specialists = [
+            self.probabilities(model, images) for model in self.models[1:]
+        ]
         if self.spec.kind == "routed":
             return routed_scores(generalist, specialists, self.class_vertical)
         return full_ensemble_scores(
@@ -846,10 +862,12 @@ class LoadedSystem:
         batch = image[None]
         if self.spec.kind != "routed":
             return self.scores(batch)
-        generalist = self.models[0].predict(batch)
+        generalist = self.probabilities(self.models[0], batch)
         vertical = self.class_vertical[int(np.argmax(generalist[0]))]
         specialists = [None] * (len(self.models) - 1)
-        specialists[vertical] = self.models[1 + vertical].predict(batch)
+        specialists[vertical] = self.probabilities(
+            self.models[1 + vertical], batch
+        )
         return routed_scores(generalist, specialists, self.class_vertical)
 
 

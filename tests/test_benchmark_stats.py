@@ -93,6 +93,29 @@ def test_thread_counts_reject_zero():
         benchmark.thread_counts([0])
 
 
+class _FixedOutputModel:
+    """A stand-in for TFLiteModel that returns fixed outputs."""
+
+    def __init__(self, outputs, kind):
+        self.outputs = np.array(outputs, np.float32)
+        self.metadata = {"output": {"kind": kind}}
+
+    def predict(self, images):
+        return self.outputs
+
+
+def test_probabilities_softmax_for_logits():
+    model = _FixedOutputModel([[0.0, np.log(3.0)]], "logits")
+    probabilities = benchmark.LoadedSystem.probabilities(model, None)
+    np.testing.assert_allclose(probabilities, [[0.25, 0.75]], rtol=1e-6)
+
+
+def test_probabilities_kept_for_probability_outputs():
+    model = _FixedOutputModel([[0.2, 0.8]], "probabilities")
+    probabilities = benchmark.LoadedSystem.probabilities(model, None)
+    np.testing.assert_array_equal(probabilities, model.outputs)
+
+
 # ---------------------------------------------------------------------------
 # Targets
 
