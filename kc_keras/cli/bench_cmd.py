@@ -61,7 +61,7 @@ def _split(values):
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
-    help="Use only the first N test images for accuracy.",
+    help="Use only the first N test images.",
 )
 @click.option(
     "--modes",
