@@ -1,5 +1,7 @@
 """Tests of the kanji-2136 source on a few kanji per radical."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,23 @@ def test_kanji_missing_font_names_package():
     path = "/usr/share/fonts/truetype/seto/missing.ttf"
     with pytest.raises(KCError, match="apt-get install fonts-seto"):
         kanji.open_font(path, None)
+
+
+def test_kanji_rerenders_corrupt_cache(tmp_path, caplog, monkeypatch):
+    # One font per split keeps the two renderings short.
+    fonts = tuple(
+        next(font for font in kanji.FONTS if font[3] == split)
+        for split in ("train", "validation", "test")
+    )
+    monkeypatch.setattr(kanji, "FONTS", fonts)
+    first = kanji.load(limit=1, min_radical_size=2, cache=tmp_path)
+    (cache_file,) = tmp_path.glob("kanji-*.npz")
+    cache_file.write_bytes(b"not an npz file")
+    with caplog.at_level(logging.WARNING, logger="kc_keras.data.kanji"):
+        second = kanji.load(limit=1, min_radical_size=2, cache=tmp_path)
+    assert second[0] == first[0]
+    assert second[0].vertical_names == (kanji.OTHER_VERTICAL,)
+    assert "ignoring unreadable cache" in caplog.text
+    np.testing.assert_array_equal(
+        second[2]["train"].images, first[2]["train"].images
+    )

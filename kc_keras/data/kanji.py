@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ElementTree
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -232,13 +233,14 @@ def render_glyph(font, character):
     return np.asarray(image, dtype=np.uint8)
 
 
-def render_all(characters, fonts=FONTS):
-    """Render every character in every font.
+def render_all(characters, fonts=None):
+    """Render every character in every font of `fonts` (default `FONTS`).
 
     Returns:
         (images, present): uint8 (num_characters, num_fonts, 32, 32) and a
         bool (num_characters, num_fonts) mask of glyphs the font has.
     """
+    fonts = FONTS if fonts is None else fonts
     images = np.zeros(
         (len(characters), len(fonts), IMAGE_SIZE, IMAGE_SIZE), np.uint8
     )
@@ -312,7 +314,7 @@ def load_rendered(
             with np.load(cache_file) as data:
                 taxonomy = Taxonomy.from_dict(json.loads(str(data["taxonomy"])))
                 return taxonomy, data["images"], data["present"]
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             logger.warning(
                 "ignoring unreadable cache %s: %s", cache_file, error
             )

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 # Keys of `Dataset.augment` understood by `augment_batch`.
 AUGMENT_KEYS = ("shift", "scale", "rotation", "stroke", "flip", "fill_mode")
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
+# Smallest fraction of an image's ink that stroke erosion may keep.
+MIN_ERODED_INK = 0.5
 
 
 def select_examples(split, classes=None, label_map=None):
@@ -226,13 +228,13 @@ def change_stroke_width(images, max_pixels, seed):
     """Thicken or thin each image's bright strokes by a random amount.
 
     Each image gets a random k in [-max_pixels, max_pixels]. A positive k
-    dilates (max pooling over a (2k+1) square window), a negative k erodes
-    (the same on the negated image) and zero keeps the image. This assumes
-    bright strokes on a dark background.
+    dilates by max pooling over a (k+1)x(k+1) window, which widens strokes
+    by k pixels. A negative k erodes the same way on the negated image, and
+    zero keeps the image. This assumes bright strokes on a dark background.
 
     Args:
         images: float32 tensor (batch, height, width, channels).
-        max_pixels: largest dilation or erosion radius in pixels.
+        max_pixels: largest change of stroke width in pixels.
         seed: int64 tensor of shape (2,).
 
     Returns:
@@ -240,11 +242,16 @@ def change_stroke_width(images, max_pixels, seed):
     """
     import tensorflow as tf
 
+    ink = tf.reduce_sum(images, axis=[1, 2, 3], keepdims=True)
     variants = [images]
-    for radius in range(1, max_pixels + 1):
-        size = 2 * radius + 1
+    for pixels in range(1, max_pixels + 1):
+        size = pixels + 1
         dilated = tf.nn.max_pool2d(images, size, 1, "SAME")
         eroded = -tf.nn.max_pool2d(-images, size, 1, "SAME")
+        # Erosion wipes out strokes thinner than the window, so an image
+        # that would lose more than half of its ink keeps its strokes.
+        eroded_ink = tf.reduce_sum(eroded, axis=[1, 2, 3], keepdims=True)
+        eroded = tf.where(eroded_ink >= MIN_ERODED_INK * ink, eroded, images)
         variants = [eroded, *variants, dilated]
     # stacked: (batch, 2 * max_pixels + 1, height, width, channels)
     stacked = tf.stack(variants, axis=1)
