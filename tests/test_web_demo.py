@@ -100,7 +100,7 @@ def report(models, images, tmp_path_factory):
     Image.fromarray(images[0][:, :, 0]).save(photo)
     not_image = work / "notes.txt"
     not_image.write_text("not an image\n")
-    screenshots = Path(os.environ.get("KC_WEB_SCREENSHOT_DIR", work))
+    screenshots = Path(os.environ.get("KC_WEB_SCREENSHOT_DIR", work)).resolve()
     screenshots.mkdir(parents=True, exist_ok=True)
 
     server_log = []
