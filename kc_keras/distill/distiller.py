@@ -99,7 +99,9 @@ class Distiller(keras.Model):
         return alpha * hard + soft, hard, soft
 
     def _unpack(self, data):
-        if len(data) == 3:
+        # `train_on_batch(x, y)` passes (x, y, None): None is a missing
+        # sample weight, not a cache row.
+        if len(data) == 3 and data[2] is not None:
             return data
         images, labels = data[:2]
         if self.teacher_targets is None:
