@@ -15,8 +15,8 @@ test images come from styles absent from training:
     validation: Noto Serif Bold;
     test: Kouzan Gyousyo (semi-cursive script) and Seto (handwriting).
 A font without a glyph for a kanji (missing from its character map, or
-drawn blank) gives no image for it; the loader logs one warning with the
-count.
+drawn blank) gives no image for it, and the loader logs one warning with
+the count.
 
 Glyphs are drawn white on black, cropped to their ink, scaled to fit a
 28x28 box and centred on a 32x32 canvas, so every font fills the same area.
@@ -349,13 +349,15 @@ def largest_verticals(taxonomy, count):
         # "other" mixes unrelated radicals, so it is never picked.
         sizes[taxonomy.vertical_names.index(OTHER_VERTICAL)] = -1
     # Stable sort on the negated sizes keeps ties in vertical order.
-    kept = np.sort(np.argsort(-sizes, kind="stable")[:count])
+    kept_verticals = np.sort(np.argsort(-sizes, kind="stable")[:count])
     class_vertical = np.array(taxonomy.class_vertical)
-    classes = np.flatnonzero(np.isin(class_vertical, kept))
-    new_index = {int(v): i for i, v in enumerate(kept)}
+    classes = np.flatnonzero(np.isin(class_vertical, kept_verticals))
+    new_index = {int(v): i for i, v in enumerate(kept_verticals)}
     smaller = Taxonomy(
         class_names=tuple(taxonomy.class_names[c] for c in classes),
-        vertical_names=tuple(taxonomy.vertical_names[v] for v in kept),
+        vertical_names=tuple(
+            taxonomy.vertical_names[v] for v in kept_verticals
+        ),
         class_vertical=tuple(
             new_index[int(class_vertical[c])] for c in classes
         ),

@@ -112,8 +112,8 @@ def make_pipeline(
     )
     data = tf.data.Dataset.from_tensor_slices((images, labels))
     # Caching the uint8 elements keeps the source arrays out of the
-    # per-epoch work; augmentation runs after the cache so that each epoch
-    # gets new random transforms.
+    # per-epoch work. Augmentation runs after the cache, so each epoch gets
+    # new random transforms.
     data = data.cache()
     if shuffle:
         data = data.shuffle(
