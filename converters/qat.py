@@ -523,5 +523,24 @@ def main(argv=None):
     return 0
 
 
+def build_student_from_dicts(config, taxonomy, preprocessing, keras_module):
+    """Build the student from the JSON forms of its settings.
+
+    This is the QAT builder of the distilled student: the child process
+    receives only JSON, so the `StudentConfig`, `Taxonomy` and
+    `Preprocessing` travel as dicts.
+    """
+    from kc_keras.data.base import Preprocessing
+    from kc_keras.data.base import Taxonomy
+    from kc_keras.models import student
+
+    return student.build_student(
+        student.StudentConfig.from_dict(config),
+        Taxonomy.from_dict(taxonomy),
+        Preprocessing.from_dict(preprocessing),
+        keras_module=keras_module,
+    )
+
+
 if __name__ == "__main__":
     sys.exit(main())
