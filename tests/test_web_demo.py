@@ -213,6 +213,11 @@ def test_bad_model_shows_message(report, model_name, expected):
     assert expected in entry["shownError"]
 
 
+def test_out_of_range_pixels_rejected(report):
+    assert report["invalidPixelsError"] is not None
+    assert "Pixel 3 is 256" in report["invalidPixelsError"]
+
+
 def test_non_image_file_shows_message(report):
     assert "notes.txt" in report["notImageError"]
     assert "is not an image" in report["notImageError"]

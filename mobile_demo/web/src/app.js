@@ -251,6 +251,16 @@ async function main() {
   return loadModelUrl(name);
 }
 
+// Rejects values that a Uint8Array would silently wrap, such as 256 or -1.
+function checkedPixels(pixels) {
+  const values = Array.from(pixels);
+  const invalid = values.findIndex((value) => !Number.isInteger(value) || value < 0 || value > 255);
+  if (invalid >= 0) {
+    throw new RangeError(`Pixel ${invalid} is ${values[invalid]}; pixels must be integers in [0, 255].`);
+  }
+  return Uint8Array.from(values);
+}
+
 const ready = main();
 ready.catch(() => {});
 
@@ -263,7 +273,7 @@ window.kcDemo = {
   get error() {
     return elements.error.hidden ? null : elements.error.textContent;
   },
-  classifyPixels: (pixels) => classifyPixels(Uint8Array.from(pixels)),
+  classifyPixels: async (pixels) => classifyPixels(checkedPixels(pixels)),
   classifyFile,
   benchmark: runBenchmark,
   loadModelUrl,

@@ -87,6 +87,12 @@ async function main() {
     report.loadError = loadError;
     report.metadata = await page.evaluate(() => window.kcDemo.metadata);
     report.results = await classifyImages(page, config.images);
+    report.invalidPixelsError = await page.evaluate((pixels) =>
+      window.kcDemo.classifyPixels(pixels.map((value, i) => (i === 3 ? 256 : value))).then(
+        () => null,
+        (error) => error.message,
+      ),
+    config.images[0]);
 
     await page.click("#benchmark");
     await page.waitForFunction(() => /median/.test(document.getElementById("benchmark-result").textContent));
