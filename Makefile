@@ -102,3 +102,25 @@ lint: setup
 
 clean-run:
 	rm -rf $(RUN)
+
+# Ablation grid: students that differ from the default in one factor,
+# three seeds each, on trio-30 and kanji-2136 (hours on 2 CPU cores; a
+# rerun skips finished cells). A run without teachers gets them first.
+# Reports: benchmarks/results/ablation-<dataset>.{json,md,png}.
+# QUICK=1: quick teachers in runs/ablate-quick/, one seed, a few steps,
+# reports in runs/ablate-quick/results/. ABLATE_ARGS passes more options
+# to benchmarks/ablate.py (--epochs, --deadline, ...).
+ABLATE_DATASETS ?= trio-30 kanji-2136
+ABLATE_RUNS := $(if $(QUICK_FLAG),runs/ablate-quick,runs)
+ABLATE_RESULTS := $(if $(QUICK_FLAG),$(ABLATE_RUNS)/results,benchmarks/results)
+ABLATE_ARGS ?=
+
+ablate: setup
+	@for dataset in $(ABLATE_DATASETS); do \
+		test -f $(ABLATE_RUNS)/$$dataset/teachers/teachers.json || \
+		$(KC) teachers --dataset $$dataset --run $(ABLATE_RUNS)/$$dataset \
+			$(QUICK_FLAG) || exit $$?; \
+	done
+	$(PY) benchmarks/ablate.py --datasets "$(ABLATE_DATASETS)" \
+		--runs-root $(ABLATE_RUNS) --results $(ABLATE_RESULTS) \
+		$(if $(QUICK_FLAG),--quick --seeds 0,) $(ABLATE_ARGS)
