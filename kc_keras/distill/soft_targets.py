@@ -114,6 +114,10 @@ class TeacherTargets:
         for vertical, model in enumerate(self.specialists):
             rows = tf.where(tf.equal(image_vertical, vertical))[:, 0]
             rows = tf.cast(rows, tf.int32)
+            if tf.executing_eagerly() and int(tf.size(rows)) == 0:
+                # Keras 3 rejects an empty batch in eager calls; inside a
+                # tf.function the empty batch runs and scatters nothing.
+                continue
             logits = model(tf.gather(images, rows), training=False)
             # Softmax over the vertical's classes and the dustbin; the
             # dustbin's probability is then dropped, so a specialist unsure
