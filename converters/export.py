@@ -26,7 +26,7 @@ TEACHER_MODES = ("ptq-int8", "float32")
 
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
-    """How one model is converted.
+    """Conversion options of one model.
 
     Attributes:
         uint8_input: full-integer models take uint8 pixels (zero point 0)
@@ -211,7 +211,7 @@ def check_integer_io(io, name, options):
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What the metadata says about one exported model.
+    """Role and outputs of one exported model, as recorded in its metadata.
 
     Attributes:
         role: "student", "generalist" or "specialist".

@@ -142,7 +142,7 @@ def add_metadata(tflite_bytes, metadata):
 def write_sidecars(model_path, metadata):
     """Write `<model>.json` and `labels.txt` beside a .tflite file.
 
-    labels.txt holds the class names of the taxonomy, one a line in class
+    labels.txt contains the taxonomy's class names, one a line in class
     order, which is the same for every model of a run.
     """
     model_path = Path(model_path)

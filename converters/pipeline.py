@@ -27,16 +27,15 @@ from kc_keras.run import RunDir
 logger = logging.getLogger(__name__)
 
 STUDENT_FILE = "student.keras"
-# Files that may hold the student's StudentConfig, checked in this order.
-# NOTE: the distiller's file name was not fixed when this was written; any
-# of these with a "student" (or "config") dict is accepted.
-STUDENT_CONFIG_FILES = ("student.json", "config.json", "metrics.json")
+# Written by `kc distill`. It contains the StudentConfig and LossConfig
+# dicts.
+STUDENT_METRICS_FILE = "metrics.json"
 GOLDEN_TOP_K = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class TFLiteConfig:
-    """What `kc tflite` exports and how.
+    """Settings of a run export (`kc tflite`).
 
     Attributes:
         modes: student export modes.
@@ -128,22 +127,18 @@ def load_keras_model(path):
 
 
 def read_student_config(run):
-    """Return the student's StudentConfig dict and LossConfig dict.
+    """Return the student's StudentConfig and LossConfig dicts.
+
+    `kc distill` stores both in RUN/student/metrics.json.
 
     Returns:
         A tuple (student config dict or None, loss config dict or None).
     """
-    for name in STUDENT_CONFIG_FILES:
-        path = run.student / name
-        if not path.is_file():
-            continue
-        data = io_utils.read_json(path)
-        config = data.get("config", data)
-        student = config.get("student") if isinstance(config, dict) else None
-        if isinstance(student, dict) and "backbone" in student:
-            loss = config.get("loss")
-            return student, loss if isinstance(loss, dict) else None
-    return None, None
+    path = run.student / STUDENT_METRICS_FILE
+    if not path.is_file():
+        return None, None
+    data = io_utils.read_json(path)
+    return data.get("student_config"), data.get("loss_config")
 
 
 def load_run_teachers(run):
@@ -403,9 +398,9 @@ def export_run(run_dir, config, dataset=None, qat_builder=None):
         if student_config is None:
             raise KCError(
                 f"qat-int8 needs the student's StudentConfig to rebuild it "
-                f"in tf-keras, but none of {', '.join(STUDENT_CONFIG_FILES)} "
-                f"in {run.student} has one; re-run `kc distill` or pick "
-                "--modes ptq-int8"
+                f"in tf-keras, but {run.student / STUDENT_METRICS_FILE} has "
+                "no student_config; re-run `kc distill` or pick --modes "
+                "ptq-int8"
             )
     if dataset is None:
         from kc_keras.data import load_dataset

@@ -2,16 +2,18 @@
 
 tensorflow-model-optimization 0.8.1 quantizes only tf-keras (Keras 2)
 functional or sequential models, and importing it sets
-TF_USE_LEGACY_KERAS=1 for the whole process. So `qat_export` (called from
-the Keras 3 process) writes the weights and data to a temporary folder and
-runs `python -m converters.qat SPEC.json` in a child process, which builds
-the same architecture in tf-keras, copies the weights by layer name,
-applies `quantize_model`, fine-tunes and converts to a full-integer TFLite
-model. Nothing in the calling process imports tfmot or tf-keras.
+TF_USE_LEGACY_KERAS=1 for the whole process. So `qat_export`, called from
+the Keras 3 process, writes the weights and data to a temporary folder and
+runs `python -m converters.qat SPEC.json` in a child process. The child
+builds the same architecture in tf-keras and copies the weights by layer
+name. It then annotates every layer and applies `quantize_apply` (what
+`quantize_model` does, plus the configs below), fine-tunes and converts to
+a full-integer TFLite model. Nothing in the calling process imports tfmot
+or tf-keras.
 
 The Rescaling input layer is not in tfmot's default registry. It gets
-`RescalingQuantizeConfig`, which quantizes its output only: the converted
-model then starts with an int8 MUL (and ADD when the offset is non-zero).
+`RescalingQuantizeConfig`, which quantizes its output only. With a zero
+offset the converted model then starts with one int8 MUL.
 """
 
 import argparse
