@@ -119,7 +119,7 @@ def quantize_config_for(layer):
 def quantize_scope_objects():
     """Return the custom objects for `tfmot...quantize_scope`.
 
-    The dict holds the tf-keras custom layers and their QuantizeConfigs, so
+    The dict contains the tf-keras custom layers and their QuantizeConfigs, so
     tfmot can clone and deserialize a quantized student.
     """
     objects = kc_layers.custom_layers(tf_keras)

@@ -170,10 +170,10 @@ def test_student_config_rejects_bad_values(field, value):
         student_lib.StudentConfig(**{field: value})
 
 
-# Runs in a child process: importing tfmot switches tf.keras to tf-keras for
-# the whole process. The backbone's Rescaling layer is not supported by
-# tfmot, so only the shared FC layer and the head are annotated; the
-# converter still quantizes the backbone with the representative data.
+# Runs in a child process because importing tfmot switches tf.keras to
+# tf-keras for the whole process. tfmot does not support the backbone's
+# Rescaling layer, so only the shared FC layer and the head are annotated.
+# The converter still quantizes the backbone from the representative data.
 QAT_SCRIPT = textwrap.dedent(
     """
     import json

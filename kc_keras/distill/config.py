@@ -100,7 +100,7 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How the student is trained.
+    """Training settings of the student.
 
     Attributes:
         epochs: passes over the training split.

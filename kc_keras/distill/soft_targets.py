@@ -3,8 +3,8 @@
 A soft target of one teacher for one image is its top-K classes (int
 indices) and their probabilities at temperature T, padded to a fixed K
 with probability 0. The specialist target of an image comes from the
-specialist of the image's TRUE vertical; the generalist target, when its
-weight is not 0, from the generalist.
+specialist of the image's TRUE vertical. The generalist target, used when
+its weight is not 0, comes from the generalist.
 
 Cache layout (RUN/soft_targets/), sized for 100,000 classes because no file
 has a column per class:
@@ -119,10 +119,9 @@ class TeacherTargets:
                 # tf.function the empty batch runs and scatters nothing.
                 continue
             logits = model(tf.gather(images, rows), training=False)
-            # Softmax over the vertical's classes and the dustbin; the
-            # dustbin's probability is then dropped, so a specialist unsure
-            # whether the image belongs to its vertical gives weaker
-            # targets.
+            # The softmax covers the vertical's classes and the dustbin. The
+            # dustbin's share is then dropped, so a specialist that doubts
+            # the image belongs to its vertical gives weaker targets.
             vertical_probabilities = tf.nn.softmax(
                 tf.cast(logits, tf.float32) / self.temperature, axis=1
             )[:, :-1]
@@ -212,7 +211,7 @@ def cache_key(targets, dataset, teacher_files):
 
 
 def index_dtype(num_classes):
-    """Return the smallest integer dtype that holds every class index."""
+    """Return the smallest integer dtype that can store every class index."""
     return np.int16 if num_classes <= np.iinfo(np.int16).max + 1 else np.int32
 
 

@@ -46,7 +46,7 @@ TIMING_STEPS = 20
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """What `distill_run` trains and writes.
+    """Students that `distill_run` trains, and where it writes them.
 
     Attributes:
         mode: `distill` (multi-teacher), `no-distill` (hard labels only) or
@@ -435,7 +435,7 @@ def distill_run(
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _distill(
+def _train_students(
     run_dir,
     dataset,
     teachers,
@@ -445,11 +445,19 @@ def _distill(
     options,
     strategy,
 ):
+    """Train the main student and the requested baselines.
+
+    Returns:
+        (students, histories, step_times): students and histories keyed by
+        `student`, `no_distill` and `keras_distiller`; mean step times
+        keyed by mode.
+    """
     jobs = [(options.mode, options.output)]
     if options.baselines:
         for mode, suffix in BASELINE_NAMES.items():
             if mode != options.mode:
                 jobs.append((mode, f"{options.output}_{suffix}"))
+
     students = {}
     histories = {}
     step_times = {}
@@ -473,10 +481,34 @@ def _distill(
             for metric, values in history.items()
         }
         step_times[mode] = step_time
+
     if "no-distill" not in step_times:
         step_times["no-distill"] = measure_hard_label_step(
             dataset, teachers, student_config, train_config, options.quick
         )
+    return students, histories, step_times
+
+
+def _distill(
+    run_dir,
+    dataset,
+    teachers,
+    student_config,
+    loss_config,
+    train_config,
+    options,
+    strategy,
+):
+    students, histories, step_times = _train_students(
+        run_dir,
+        dataset,
+        teachers,
+        student_config,
+        loss_config,
+        train_config,
+        options,
+        strategy,
+    )
     reports = score_models(dataset, teachers, students)
     metrics = {
         "mode": options.mode,
@@ -494,6 +526,7 @@ def _distill(
         },
         "history": histories,
     }
+
     filename = (
         "metrics.json"
         if options.output == "student"
