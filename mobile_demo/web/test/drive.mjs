@@ -53,6 +53,8 @@ async function classifyImages(page, images) {
 }
 
 async function pickFile(page, selector, file) {
+  // Clear earlier results, so the wait below sees this file's outcome.
+  await page.evaluate(() => document.querySelector("#results tbody").replaceChildren());
   await page.setInputFiles(selector, file);
   // The change handler runs asynchronously; wait until it updates the page.
   await page.waitForFunction(
@@ -103,7 +105,6 @@ async function main() {
     report.photoTop5 = await page.$$eval("#results tbody tr", (rows) => rows.map((row) => row.cells[1].textContent));
     if (config.screenshot) await page.screenshot({ path: config.screenshot, fullPage: true });
 
-    await page.evaluate(() => document.querySelector("#results tbody").replaceChildren());
     await pickFile(page, "#photo", config.notImage);
     report.notImageError = await page.evaluate(() => window.kcDemo.error);
 
