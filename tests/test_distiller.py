@@ -242,6 +242,67 @@ def test_nan_loss_stops_and_keeps_checkpoint(dataset, tmp_path):
     assert all(np.all(np.isfinite(w)) for w in saved.get_weights())
 
 
+class InterruptAtEpoch(keras.callbacks.Callback):
+    """Raise at the start of epoch `epoch` (0-based), as a killed run would
+    stop."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_rebuilds_distiller_from_backup(dataset, tmp_path):
+    config = LossConfig()
+    images, labels = first_batch(dataset, size=8)
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    backup = str(tmp_path / "backup")
+
+    def build(seed):
+        student = tiny_student(dataset.taxonomy, dataset.preprocessing, seed)
+        distiller = Distiller(student, config, teacher_targets(dataset, config))
+        distiller.compile(optimizer=keras.optimizers.Adam(1e-3))
+        distiller(images[:1])
+        return distiller
+
+    first = build(seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(
+            data,
+            epochs=3,
+            steps_per_epoch=2,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(backup),
+                InterruptAtEpoch(1),
+            ],
+            verbose=0,
+        )
+    trained = [w.copy() for w in first.student.get_weights()]
+
+    # A new process would build a new distiller from code and the saved
+    # teachers; the backup restores the student and resumes at epoch 2.
+    second = build(seed=1)
+    restored = []
+
+    class RecordWeights(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            restored.extend(self.model.student.get_weights())
+
+    history = second.fit(
+        data,
+        epochs=3,
+        steps_per_epoch=2,
+        callbacks=[keras.callbacks.BackupAndRestore(backup), RecordWeights()],
+        verbose=0,
+    )
+    assert len(history.history["loss"]) == 2
+    for old, new in zip(trained, restored, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
 @pytest.mark.parametrize(
     "field,value,match",
     [
