@@ -166,6 +166,10 @@ class AblationConfig:
         student: the default student's `StudentConfig` as a dict, or None
             for `StudentConfig()`; variants change its head and
             self-paced mode.
+        cache_soft_targets: train the distilled students from teacher
+            targets computed once per run (`kc distill
+            --cache-soft-targets`) instead of running the teachers every
+            step. Faster, but the targets belong to the unaugmented images.
     """
 
     epochs: int | None = None
@@ -174,6 +178,7 @@ class AblationConfig:
     learning_rate: float | None = None
     quick: bool = False
     student: dict | None = None
+    cache_soft_targets: bool = False
 
     def __post_init__(self):
         for name in ("epochs", "steps_per_epoch", "batch_size"):
@@ -491,7 +496,7 @@ def cell_settings(inputs, variant, seed, config, student_config):
 def train_config_for(config, seed):
     from kc_keras.distill.config import TrainConfig
 
-    given = {
+    overrides = {
         key: value
         for key, value in (
             ("epochs", config.epochs),
@@ -501,8 +506,17 @@ def train_config_for(config, seed):
         if value is not None
     }
     return TrainConfig(
-        seed=seed, steps_per_epoch=config.steps_per_epoch, **given
+        seed=seed, steps_per_epoch=config.steps_per_epoch, **overrides
     )
+
+
+def _link_teachers(work, run_root):
+    # The soft-target cache fingerprints RUN/teachers/ of the run folder it
+    # trains in, so the scratch folder links to the run's teachers.
+    link = work.teachers
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("..") / "teachers", target_is_directory=True)
 
 
 def run_cell(inputs, variant, seed, config, student_config, settings):
@@ -526,8 +540,12 @@ def run_cell(inputs, variant, seed, config, student_config, settings):
     name = f"{cell_name(variant, seed)}-{settings_key(settings)}"
     work = RunDir(inputs.run_root / ABLATION_FOLDER)
     options = train_lib.RunOptions(
-        mode=spec.mode, output=name, quick=config.quick
+        mode=spec.mode,
+        output=name,
+        quick=config.quick,
+        cache_soft_targets=config.cache_soft_targets,
     )
+    _link_teachers(work, inputs.run_root)
     start = time.perf_counter()
     student, history, step_time = train_lib.train_student(
         work,
@@ -666,12 +684,15 @@ def compare(variant_top1, default_top1):
 def judge_directions(rows):
     """Return whether each claim of `DIRECTIONS` holds on these rows.
 
-    A claim `holds` when the expected variant's mean is higher by more
-    than the seed spread, is `within spread` when it is higher but not by
-    more than the spread, is `reversed` when the other mean is higher by
-    more than the spread, and `not tested` when a variant has no cells.
-    With one seed the verdict is the sign only (`higher, one seed` or
-    `lower, one seed`).
+    Verdicts, with the spread of `SPREAD_RULE`:
+        holds: the expected variant's mean is higher by more than the
+            spread.
+        reversed: the other variant's mean is higher by more than the
+            spread.
+        within spread: the means differ by no more than the spread.
+        higher, one seed / lower, one seed / equal, one seed: a variant
+            has one seed, so only the sign of the difference is known.
+        not tested: a variant has no finished cells.
     """
     by_name = {row["variant"]: row for row in rows}
     verdicts = []
@@ -691,15 +712,21 @@ def judge_directions(rows):
             entry["diff"] = diff
             entry["welch_p"] = welch_p_value(better["top1"], worse["top1"])
             if None in stds:
-                entry["verdict"] = (
-                    "higher, one seed" if diff > 0 else "lower, one seed"
-                )
+                entry["verdict"] = _sign_verdict(diff)
             elif abs(diff) > sum(stds):
                 entry["verdict"] = "holds" if diff > 0 else "reversed"
             else:
                 entry["verdict"] = "within spread"
         verdicts.append(entry)
     return verdicts
+
+
+def _sign_verdict(diff):
+    if diff > 0:
+        return "higher, one seed"
+    if diff < 0:
+        return "lower, one seed"
+    return "equal, one seed"
 
 
 # ---------------------------------------------------------------------------
@@ -767,11 +794,21 @@ def render_markdown(report):
         "deviation over seeds. The difference is to the default student.",
         f"Rule: {SPREAD_RULE}.",
         "",
+    ]
+    lines += _variant_table(report["rows"])
+    lines += _teacher_section(report["references"], report["size"])
+    lines += _head_section(report["head_match"])
+    lines += _direction_section(report["directions"])
+    return "\n".join(lines) + "\n"
+
+
+def _variant_table(rows):
+    lines = [
         "| variant | change | seeds | top-1 | diff | exceeds spread "
         "| Welch p | parameters | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in report["rows"]:
+    for row in rows:
         mean = _percent(row["mean"])
         if row["std"] is not None:
             mean += f" ± {_percent(row['std'])}"
@@ -790,8 +827,11 @@ def render_markdown(report):
             f"{mean} | {_percent(row['diff'], signed=True)} | {exceeds} | "
             f"{welch} | {params} | {seconds} |"
         )
-    references = report["references"]
-    lines += [
+    return lines
+
+
+def _teacher_section(references, size):
+    lines = [
         "",
         "## Teachers",
         "",
@@ -804,7 +844,6 @@ def render_markdown(report):
         f"| full ensemble | {_percent(references['full_top1'])} | "
         f"{references['ensemble_parameters']} |",
     ]
-    size = report["size"]
     if size:
         lines += [
             "",
@@ -827,8 +866,11 @@ def render_markdown(report):
                 f"| {system['name']} | {system['kind']} | {system['mode']} "
                 f"| {system['model_bytes']} | {_percent(system['top1'])} |"
             )
-    match = report["head_match"]
-    lines += [
+    return lines
+
+
+def _head_section(match):
+    return [
         "",
         "## Head sizes",
         "",
@@ -837,13 +879,18 @@ def render_markdown(report):
         f"width {match['fc_hidden']}: {match['fc-fc']['head']} parameters "
         f"(student {match['fc-fc']['total']}); gap "
         f"{100 * match['relative_gap']:.1f}%.",
+    ]
+
+
+def _direction_section(directions):
+    lines = [
         "",
         "## Directions",
         "",
         "| claim | higher | lower | diff | Welch p | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for entry in report["directions"]:
+    for entry in directions:
         welch = entry.get("welch_p")
         welch = "n/a" if welch is None else f"{welch:.3f}"
         lines.append(
@@ -851,7 +898,7 @@ def render_markdown(report):
             f"{_percent(entry['diff'], signed=True)} | {welch} | "
             f"{entry['verdict']} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_report(report, path):
@@ -895,8 +942,8 @@ def plot_report(report, path):
     axes.set_ylabel("test top-1 (%)")
     seeds = max((len(row["seeds"]) for row in rows), default=0)
     axes.set_title(
-        f"{report['dataset']}: student variants, mean ± std over up to "
-        f"{seeds} seeds"
+        f"{report['dataset']}: student variants, mean ± std over seeds "
+        f"(at most {seeds})"
     )
     axes.tick_params(axis="x", labelrotation=30)
     if levels:
@@ -1168,6 +1215,13 @@ class InputError(click.ClickException):
     help="UTC time HH:MM after which no new cell starts; the reports are "
     "written from the cells finished by then.",
 )
+@click.option(
+    "--cache-soft-targets",
+    is_flag=True,
+    help="Train distilled students from teacher targets computed once per "
+    "run instead of running the teachers every step (faster; the targets "
+    "belong to the unaugmented images).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(
     datasets,
@@ -1181,6 +1235,7 @@ def main(
     runs_root,
     results_dir,
     deadline,
+    cache_soft_targets,
     verbose,
 ):
     """Train the ablation grid of students and write its reports.
@@ -1202,6 +1257,7 @@ def main(
             batch_size=batch_size,
             learning_rate=learning_rate,
             quick=quick,
+            cache_soft_targets=cache_soft_targets,
         )
         reports, progress = run_grid(
             parse_list(datasets, kind="dataset"),

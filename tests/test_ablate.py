@@ -203,6 +203,26 @@ def test_deadline_stops_new_cells(grid, runs_root, tmp_path):
     assert (tmp_path / f"ablation-{DATASET}.md").is_file()
 
 
+def test_grid_cached_soft_targets(grid, runs_root, tmp_path):
+    config = ablate.AblationConfig(
+        quick=True, student=tiny_student_dict(), cache_soft_targets=True
+    )
+    _, progress = ablate.run_grid(
+        [DATASET],
+        (ablate.DEFAULT_VARIANT,),
+        (0,),
+        config,
+        runs_root,
+        tmp_path,
+    )
+    assert progress.trained == 1
+    cache = runs_root / DATASET / ablate.ABLATION_FOLDER / "soft_targets"
+    assert (cache / "index.json").is_file()
+    path = ablate.cell_path(runs_root / DATASET, ablate.DEFAULT_VARIANT, 0)
+    cell = json.loads(path.read_text())
+    assert cell["settings"]["ablation"]["cache_soft_targets"] is True
+
+
 def make_cell(variant, seed, top1):
     return {
         "variant": variant,
@@ -281,8 +301,16 @@ def test_welch_p_value_separates_groups():
         ([0.80, 0.81, 0.82], [0.90, 0.91, 0.92], "reversed"),
         ([0.90], [0.80], "higher, one seed"),
         ([0.80], [0.90], "lower, one seed"),
+        ([0.80], [0.80], "equal, one seed"),
     ],
-    ids=["holds", "within-spread", "reversed", "one-seed-up", "one-seed-down"],
+    ids=[
+        "holds",
+        "within-spread",
+        "reversed",
+        "one-seed-up",
+        "one-seed-down",
+        "one-seed-equal",
+    ],
 )
 def test_judge_directions_verdicts(default, worse, verdict):
     rows = ablate.summarize(
