@@ -579,8 +579,12 @@ def run_cell(inputs, variant, seed, config, student_config, settings):
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start,
         "step_time_s": step_time,
+        # A cell killed after its last epoch's backup resumes with no
+        # epoch left to run, so its history is empty.
         "final_history": {
-            metric: float(values[-1]) for metric, values in history.items()
+            metric: float(values[-1])
+            for metric, values in history.items()
+            if values
         },
         "finished": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"
