@@ -424,6 +424,56 @@ def _fine_tune(q_model, arrays, config, loss, tf):
         _log(f"epoch {epoch + 1}/{config.epochs}: loss {np.mean(values):.4f}")
 
 
+def _freeze_batch_norm(q_model, tf_keras):
+    """Run every BatchNormalization layer in inference mode from now on.
+
+    A tf-keras BatchNormalization layer with `trainable=False` normalises
+    with its moving statistics even in a training-mode call. Range
+    calibration and fine-tuning then see the activations that inference
+    (and the converted model) computes, and the trained statistics stay
+    as they are.
+    """
+    for layer in q_model.layers:
+        inner = getattr(layer, "layer", layer)
+        if isinstance(inner, tf_keras.layers.BatchNormalization):
+            inner.trainable = False
+
+
+def _calibrate_ranges(q_model, images):
+    """Set every moving-average activation range from one batch.
+
+    tfmot 0.8.1's MovingAverageQuantizer starts its ranges at [-6, 6] and
+    updates them with a hard-coded EMA decay of 0.999, so a fine-tune of a
+    few hundred steps would keep much of that arbitrary start. One forward
+    pass with decay 0 sets each range to the batch's min and max instead.
+    Layers run in order, so each range already sees its inputs quantized
+    with calibrated upstream ranges. BatchNormalization moving statistics
+    are restored afterwards in case a layer still updates them.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras import (
+        quant_ops,
+    )
+
+    original = quant_ops.MovingAvgQuantize
+
+    def without_averaging(*args, **kwargs):
+        kwargs["ema_decay"] = 0.0
+        return original(*args, **kwargs)
+
+    saved = [
+        (variable, variable.numpy())
+        for variable in q_model.variables
+        if "moving_" in variable.name
+    ]
+    quant_ops.MovingAvgQuantize = without_averaging
+    try:
+        q_model(images, training=True)
+    finally:
+        quant_ops.MovingAvgQuantize = original
+    for variable, value in saved:
+        variable.assign(value)
+
+
 def _pin_input_range(q_model):
     """Set the input quantizer's range to [0, 255].
 
@@ -504,6 +554,8 @@ def run_child(spec):
     _log(f"weights copied; max logit difference {error:.2e}")
     q_model = _quantize(tf_model, tf_keras)
     tf.random.set_seed(config.seed)
+    _freeze_batch_norm(q_model, tf_keras)
+    _calibrate_ranges(q_model, arrays["representative"].astype(np.float32))
     _fine_tune(q_model, arrays, config, spec["loss"], tf)
     _pin_input_range(q_model)
     Path(spec["output"]).write_bytes(
