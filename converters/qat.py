@@ -446,9 +446,10 @@ def _calibrate_ranges(q_model, images):
     updates them with a hard-coded EMA decay of 0.999, so a fine-tune of a
     few hundred steps would keep much of that arbitrary start. One forward
     pass with decay 0 sets each range to the batch's min and max instead.
-    Layers run in order, so each range already sees its inputs quantized
-    with calibrated upstream ranges. BatchNormalization moving statistics
-    are restored afterwards in case a layer still updates them.
+    Layers run in order, so each range is measured on inputs that were
+    already quantized with calibrated upstream ranges. BatchNormalization
+    moving statistics are restored afterwards in case a layer still updates
+    them.
     """
     from tensorflow_model_optimization.python.core.quantization.keras import (
         quant_ops,
