@@ -9,11 +9,11 @@ student.
 
 The grid is a list of cells, one per (dataset, variant, seed). A cell trains
 one student with `kc_keras.distill.train.train_student`, scores it on the
-test split and writes RUNS/<dataset>/ablation/cells/<variant>-seed<seed>.json
-atomically. A rerun skips every cell whose JSON was written with the same
-settings, so a killed grid resumes where it stopped. The seed of a cell
-sets the student's initial weights, the order of the training images and
-their augmentation; the splits stay the same.
+test split and writes its JSON atomically to RUNS/<dataset>/ablation/cells/
+<settings hash>/<variant>-seed<seed>.json. A rerun skips every cell whose
+JSON was written with the same settings, so a killed grid resumes where it
+stopped. The seed of a cell sets the student's initial weights, the order
+of the training images and their augmentation, but not the splits.
 
 Per dataset, the report goes to RESULTS/ablation-<dataset>.json, .md and
 .png: top-1 on the test split (mean and sample standard deviation over
@@ -249,11 +249,17 @@ def cell_name(variant, seed):
     return f"{variant}-seed{seed}"
 
 
-def cell_path(run_root, variant, seed):
+def cell_path(run_root, config, variant, seed):
+    """Return RUN/ablation/cells/<settings hash>/<variant>-seed<seed>.json.
+
+    Cells of other `AblationConfig` settings (epochs, ...) live in other
+    folders, so trying other settings keeps the earlier results.
+    """
     return (
         Path(run_root)
         / ABLATION_FOLDER
         / CELLS_FOLDER
+        / settings_key(config.to_dict())
         / f"{cell_name(variant, seed)}.json"
     )
 
@@ -1079,7 +1085,9 @@ def finished_cells(inputs, seeds, config, configs):
                 inputs, variant, seed, config, configs[variant]
             )
             cell = read_finished_cell(
-                cell_path(inputs.run_root, variant, seed), settings, quiet=True
+                cell_path(inputs.run_root, config, variant, seed),
+                settings,
+                quiet=True,
             )
             if cell is not None:
                 cells.append(cell)
@@ -1089,7 +1097,7 @@ def finished_cells(inputs, seeds, config, configs):
 def _run_or_skip(inputs, variant, seed, config, configs, progress, deadline):
     """Return a cell's result: stored, newly trained, or None if stopped."""
     settings = cell_settings(inputs, variant, seed, config, configs[variant])
-    path = cell_path(inputs.run_root, variant, seed)
+    path = cell_path(inputs.run_root, config, variant, seed)
     label = f"{inputs.dataset.name} {cell_name(variant, seed)}"
     cell = read_finished_cell(path, settings)
     if cell is not None:

@@ -90,7 +90,7 @@ def test_grid_trains_every_variant(grid, runs_root):
     assert progress.trained == len(ablate.VARIANTS)
     assert progress.skipped == 0
     for variant in ablate.VARIANTS:
-        path = ablate.cell_path(runs_root / DATASET, variant, 0)
+        path = ablate.cell_path(runs_root / DATASET, quick_config(), variant, 0)
         cell = json.loads(path.read_text())
         assert cell["variant"] == variant
         assert 0.0 <= cell["top1"] <= 1.0
@@ -103,7 +103,9 @@ def test_grid_trains_every_variant(grid, runs_root):
 def test_grid_variants_differ_in_one_factor(grid, runs_root):
     cells = {
         variant: json.loads(
-            ablate.cell_path(runs_root / DATASET, variant, 0).read_text()
+            ablate.cell_path(
+                runs_root / DATASET, quick_config(), variant, 0
+            ).read_text()
         )
         for variant in ablate.VARIANTS
     }
@@ -148,7 +150,9 @@ def test_grid_writes_reports(grid):
 
 
 def test_rerun_skips_finished_cells(grid, runs_root, tmp_path):
-    path = ablate.cell_path(runs_root / DATASET, ablate.DEFAULT_VARIANT, 0)
+    path = ablate.cell_path(
+        runs_root / DATASET, quick_config(), ablate.DEFAULT_VARIANT, 0
+    )
     before = path.stat().st_mtime_ns
     _, progress = ablate.run_grid(
         [DATASET],
@@ -164,7 +168,9 @@ def test_rerun_skips_finished_cells(grid, runs_root, tmp_path):
 
 
 def test_rerun_retrains_cell_with_other_settings(grid, runs_root, tmp_path):
-    path = ablate.cell_path(runs_root / DATASET, ablate.DEFAULT_VARIANT, 0)
+    path = ablate.cell_path(
+        runs_root / DATASET, quick_config(), ablate.DEFAULT_VARIANT, 0
+    )
     cell = json.loads(path.read_text())
     cell["settings"]["ablation"]["epochs"] = 99
     path.write_text(json.dumps(cell))
@@ -198,7 +204,7 @@ def test_deadline_stops_new_cells(grid, runs_root, tmp_path):
     assert progress.stopped
     assert progress.trained == 0
     assert not ablate.cell_path(
-        runs_root / DATASET, ablate.DEFAULT_VARIANT, 5
+        runs_root / DATASET, quick_config(), ablate.DEFAULT_VARIANT, 5
     ).exists()
     assert (tmp_path / f"ablation-{DATASET}.md").is_file()
 
@@ -218,9 +224,15 @@ def test_grid_cached_soft_targets(grid, runs_root, tmp_path):
     assert progress.trained == 1
     cache = runs_root / DATASET / ablate.ABLATION_FOLDER / "soft_targets"
     assert (cache / "index.json").is_file()
-    path = ablate.cell_path(runs_root / DATASET, ablate.DEFAULT_VARIANT, 0)
+    path = ablate.cell_path(
+        runs_root / DATASET, config, ablate.DEFAULT_VARIANT, 0
+    )
     cell = json.loads(path.read_text())
     assert cell["settings"]["ablation"]["cache_soft_targets"] is True
+    # The uncached cell of the same variant and seed is kept.
+    assert ablate.cell_path(
+        runs_root / DATASET, quick_config(), ablate.DEFAULT_VARIANT, 0
+    ).is_file()
 
 
 def make_cell(variant, seed, top1):
