@@ -124,3 +124,10 @@ ablate: setup
 	$(PY) benchmarks/ablate.py --datasets "$(ABLATE_DATASETS)" \
 		--runs-root $(ABLATE_RUNS) --results $(ABLATE_RESULTS) \
 		$(if $(QUICK_FLAG),--quick --seeds 0,) $(ABLATE_ARGS)
+
+# Scale benchmark: the student pipeline at N = 1,000, 10,000 and 100,000
+# synthetic classes, one child process per N (a rerun skips finished N).
+# Reports: benchmarks/results/scale.{json,md,png}. QUICK=1: N = 1,000 with
+# tiny models, reports in runs/scale-quick/results/.
+bench-scale: setup
+	$(PY) -m benchmarks.scale $(QUICK_FLAG)

@@ -1,0 +1,1 @@
+"""Benchmarks of the kc-keras pipeline; results go to benchmarks/results/."""
