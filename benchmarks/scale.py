@@ -7,8 +7,9 @@ TFLite and runs the exports with LiteRT. PTQ runs in the child and QAT in
 the converter's own grandchild process. The child records the wall time
 and the peak resident memory (VmHWM, reset between stages through
 /proc/self/clear_refs) of each stage. It writes one JSON file per N,
-atomically, so an interrupted run resumes at the first unfinished N. The parent then writes scale.json, scale.md and
-scale.png with the log-log slope of every figure against N.
+atomically, so an interrupted run resumes at the first unfinished N. The
+parent then writes scale.json, scale.md and scale.png with the log-log
+slope of every figure against N.
 
 Teachers stay tiny (a one-block CNN with 4 filters, a few steps) because
 the point is the student pipeline's cost at large N, not teacher accuracy.
