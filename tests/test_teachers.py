@@ -78,9 +78,14 @@ class Recorder(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.epochs = []
+        self.batches = {}
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append((self.model.name, epoch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches[self.model.name] = self.batches.get(self.model.name, 0)
+        self.batches[self.model.name] += 1
 
     def trained(self):
         return sorted({name for name, _ in self.epochs})
@@ -204,16 +209,61 @@ def test_mobilenet_backbone_builds_on_32x32():
     images = np.zeros((2, 32, 32, 3), np.float32)
     assert np.asarray(specialist(images, training=False)).shape == (2, 4)
 
+    # The backbone is a nested model whose batch normalizations freeze too.
+    teachers.freeze_batch_norm(specialist)
+    nested = [layer for layer in specialist.layers if hasattr(layer, "layers")]
+    assert len(nested) == 1
+    norms = [
+        layer
+        for layer in nested[0].layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert norms
+    assert not any(layer.trainable for layer in norms)
+    assert specialist.get_layer("logits").trainable
+
+
+def test_freeze_batch_norm_keeps_statistics():
+    keras.utils.set_random_seed(0)
+    dataset = make_dataset()
+    generalist = teachers.build_generalist(7, PREPROCESSING, TINY)
+    specialist = teachers.build_specialist(
+        generalist, dataset.taxonomy, 0, PREPROCESSING, TINY
+    )
+    teachers.freeze_batch_norm(specialist)
+    norm = specialist.get_layer("block1_conv1_bn")
+    before = [np.array(w) for w in norm.get_weights()]
+    teachers.compile_model(specialist, 1e-2, 4)
+    images = dataset.split("train").images.astype(np.float32)
+    labels = np.zeros(len(images), np.int32)
+    specialist.fit(images, labels, epochs=1, batch_size=16, verbose=0)
+    for old, new in zip(before, norm.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    kernel = specialist.get_layer("block1_conv1").get_weights()[0]
+    original = generalist.get_layer("block1_conv1").get_weights()[0]
+    assert not np.allclose(kernel, original)
+
+
+def test_mobilenet_backbone_rejects_28x28():
+    spec = BackboneSpec(name="mobilenet-v3-small")
+    preprocessing = Preprocessing(height=28, width=28, channels=1)
+    with pytest.raises(KCError, match="cannot take images of shape"):
+        teachers.build_generalist(5, preprocessing, spec)
+
 
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"epochs": 0}, "epochs must be at least 1"),
-        ({"steps_per_epoch": 0}, "steps_per_epoch must be at least 1"),
-        ({"learning_rate": 0.0}, "learning_rate must be positive"),
-        ({"dustbin_fraction": -0.1}, "dustbin_fraction must be zero"),
+        ({"epochs": 0}, "epochs=0 is invalid"),
+        ({"steps_per_epoch": 0}, "steps_per_epoch=0 is invalid"),
+        (
+            {"specialist_steps_per_epoch": 0},
+            "specialist_steps_per_epoch=0 is invalid",
+        ),
+        ({"learning_rate": 0.0}, "learning_rate=0.0 is invalid"),
+        ({"dustbin_fraction": -0.1}, "dustbin_fraction=-0.1 is invalid"),
     ],
-    ids=["epochs", "steps", "learning-rate", "dustbin"],
+    ids=["epochs", "steps", "specialist-steps", "learning-rate", "dustbin"],
 )
 def test_teacher_config_rejects_bad_values(changes, message):
     with pytest.raises(KCError, match=message):
@@ -374,6 +424,24 @@ def test_resume_after_interruption(tmp_path):
     assert recorder.trained() == []
 
 
+def test_specialist_steps_per_epoch(tmp_path):
+    config = dataclasses.replace(
+        CONFIG, steps_per_epoch=None, specialist_steps_per_epoch=3
+    )
+    recorder = Recorder()
+    teachers.train_teachers(
+        make_dataset(), tmp_path, config, extra_callbacks=[recorder]
+    )
+    # The generalist makes one pass: 42 images in batches of 8. Each
+    # specialist runs 3 batches although vertical 1 has 36 training images
+    # with its dustbin sample and vertical 0 has 27.
+    assert recorder.batches == {
+        "generalist": 6,
+        "specialist_0": 3,
+        "specialist_1": 3,
+    }
+
+
 def test_clusters_provisional_taxonomy(tmp_path):
     pytest.importorskip("kc_keras.data.clustering")
     dataset = make_dataset(provisional=True)
@@ -396,8 +464,8 @@ def test_clusters_provisional_taxonomy(tmp_path):
 
 @pytest.mark.parametrize(
     "num_verticals, num_classes, expected",
-    [(None, 30, 5), (None, 3, 1), (4, 8, 4)],
-    ids=["default-30", "default-3", "given"],
+    [(None, 30, 5), (None, 8, 3), (None, 5, 2), (4, 8, 4)],
+    ids=["default-30", "default-8", "default-5", "given"],
 )
 def test_cluster_config_num_verticals(num_verticals, num_classes, expected):
     config = teachers.ClusterConfig(num_verticals=num_verticals)
@@ -407,6 +475,19 @@ def test_cluster_config_num_verticals(num_verticals, num_classes, expected):
 def test_cluster_config_too_many_verticals():
     with pytest.raises(KCError, match="at most 3"):
         teachers.ClusterConfig(num_verticals=4).resolve_num_verticals(7)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_verticals": 1}, "pass --verticals 2 or more"),
+        ({"method": "kmeans"}, "unknown cluster method 'kmeans'"),
+    ],
+    ids=["one-vertical", "method"],
+)
+def test_cluster_config_rejects_bad_values(changes, message):
+    with pytest.raises(KCError, match=message):
+        teachers.ClusterConfig(**changes)
 
 
 # ---------------------------------------------------------------------------

@@ -87,6 +87,11 @@ QUICK_STEPS = 5
     help="Fine-tuning epochs of each specialist.",
 )
 @click.option(
+    "--specialist-steps",
+    type=click.IntRange(min=1),
+    help="Batches per specialist epoch (default 200).",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     help="Images per training batch.",
@@ -125,6 +130,7 @@ def teachers(
     weights,
     epochs,
     specialist_epochs,
+    specialist_steps,
     batch_size,
     dustbin_fraction,
     seed,
@@ -154,6 +160,7 @@ def teachers(
         **_given(
             epochs=epochs,
             specialist_epochs=specialist_epochs,
+            specialist_steps_per_epoch=specialist_steps,
             batch_size=batch_size,
             dustbin_fraction=dustbin_fraction,
         ),
