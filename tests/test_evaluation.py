@@ -133,6 +133,7 @@ def test_ensemble_reports_routed_and_full():
         dtype=np.float32,
     )
     labels = np.array([1, 3, 0])
+
     specialist_a = np.array(
         [[0.1, 0.8, 0.1], [0.0, 0.0, 1.0], [0.9, 0.05, 0.05]],
         dtype=np.float32,
@@ -148,9 +149,10 @@ def test_ensemble_reports_routed_and_full():
         CLASS_VERTICAL,
         VERTICALS,
     )
+
     routed = reports["routed"]
-    # Rows 0 and 1 are fixed by their specialist; row 2 is routed to the
-    # wrong vertical, so class 0 ranks below both classes of "b".
+    # Their specialists correct rows 0 and 1. Row 2 is routed to the wrong
+    # vertical, so class 0 ranks below both classes of "b".
     assert routed["top1"] == pytest.approx(2 / 3)
     assert routed["per_vertical"]["a"]["top1"] == pytest.approx(1 / 2)
     assert routed["per_vertical"]["b"]["top1"] == pytest.approx(1.0)

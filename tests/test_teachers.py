@@ -95,7 +95,7 @@ class Recorder(keras.callbacks.Callback):
 
 
 class Interrupted(Exception):
-    """Stands in for a killed process."""
+    """Exception that simulates a killed process."""
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -291,6 +291,7 @@ def test_train_teachers_writes_every_file(trained_run):
     ):
         assert (folder / name).is_file(), name
     assert not list(folder.glob(".*")), "temporary files left behind"
+
     assert (folder / "labels.txt").read_text().split() == [
         f"c{c}" for c in range(7)
     ]
@@ -301,12 +302,14 @@ def test_train_teachers_writes_every_file(trained_run):
         "specialist_0": [0, 2, 5, -1],
         "specialist_1": [1, 3, 4, 6, -1],
     }
+
     metrics = io_utils.read_json(folder / "metrics.json")
     assert set(metrics["models"]) == set(outputs)
     assert set(metrics["ensembles"]) == {"routed", "full"}
     own = metrics["models"]["specialist_1"]["own_vertical"]
     assert own["num_images"] == 24
     assert own["gain"] == pytest.approx(own["top1"] - own["generalist_top1"])
+
     run_info = io_utils.read_json(RunDir(trained_run).run_file)
     assert run_info["dataset"] == {"name": "tiny", "seed": 0}
     assert not (RunDir(trained_run).logs / "backup" / "generalist").exists()
@@ -551,3 +554,21 @@ def test_cli_rejects_option_of_other_dataset(tmp_path):
     )
     assert result.exit_code == 2
     assert "does not apply to dataset 'synthetic'" in result.output
+
+
+def test_cli_help_shows_config_defaults():
+    result = CliRunner().invoke(cli, ["teachers", "--help"])
+    assert result.exit_code == 0, result.output
+    defaults = teachers.TeacherConfig()
+    backbone = BackboneSpec()
+    help_text = " ".join(result.output.split())
+    for value in (
+        defaults.epochs,
+        defaults.specialist_epochs,
+        defaults.specialist_steps_per_epoch,
+        defaults.batch_size,
+        defaults.dustbin_fraction,
+        backbone.filters,
+        backbone.blocks,
+    ):
+        assert f"(default {value})" in help_text, value

@@ -52,7 +52,7 @@ QUICK_STEPS = 5
     type=click.Choice(("spectral", "agglomerative")),
     default="spectral",
     show_default=True,
-    help="How classes are clustered into verticals without a taxonomy.",
+    help="Clustering method that derives verticals without a taxonomy.",
 )
 @click.option(
     "--backbone",
@@ -79,12 +79,12 @@ QUICK_STEPS = 5
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    help="Generalist training epochs.",
+    help="Generalist training epochs (default 10).",
 )
 @click.option(
     "--specialist-epochs",
     type=click.IntRange(min=1),
-    help="Fine-tuning epochs of each specialist.",
+    help="Fine-tuning epochs of each specialist (default 2).",
 )
 @click.option(
     "--specialist-steps",
@@ -94,14 +94,21 @@ QUICK_STEPS = 5
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    help="Images per training batch.",
+    help="Images per training batch (default 128).",
 )
 @click.option(
     "--dustbin-fraction",
     type=click.FloatRange(min=0),
-    help="Other verticals' images per image of a specialist's vertical.",
+    help="Other verticals' images per image of a specialist's vertical "
+    "(default 0.5).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the data splits, weight initialisation and dustbin sampling.",
+)
 @click.option(
     "--quick",
     is_flag=True,
@@ -140,8 +147,8 @@ def teachers(
 ):
     """Train the teachers and write them to RUN/teachers/.
 
-    Prints a table of test accuracies to stdout; metrics.json has them
-    all.
+    Prints a table of test accuracies to stdout. RUN/teachers/metrics.json
+    contains every figure.
     """
     import dataclasses
 

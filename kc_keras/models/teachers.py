@@ -642,6 +642,7 @@ def _specialist(dataset, run_dir, config, generalist, vertical, callbacks):
         model = training.load_model(path)
         _check_outputs(model, path, num_outputs)
         return model
+
     keras.utils.set_random_seed(config.seed + 1 + vertical)
     model = build_specialist(
         generalist,
@@ -652,6 +653,7 @@ def _specialist(dataset, run_dir, config, generalist, vertical, callbacks):
     )
     if config.freeze_batch_norm:
         freeze_batch_norm(model)
+
     data = specialist_dataset(
         dataset, vertical, config.dustbin_fraction, config.seed
     )
@@ -673,6 +675,7 @@ def _specialist(dataset, run_dir, config, generalist, vertical, callbacks):
         evaluation.specialist_label_map(taxonomy.class_vertical, vertical),
         callbacks,
     )
+
     training.save_model(model, path)
     training.remove_backup(run_dir, model.name)
     return model
