@@ -84,9 +84,9 @@ def test_quick_run_cache_and_exports(quick_report):
     names = {scale._export_name(m, lg) for m, lg in config.exports}
     assert set(result["exports"]) == names
     for name, entry in result["exports"].items():
-        assert entry["size_bytes"] > 0, name
+        assert entry["size_bytes"] > entry["model_bytes"] > 0, name
         agreement = entry["agreement"]
-        for key in ("top1", "top5", "top5_overlap"):
+        for key in ("top1", "top5", "top5_overlap", "clear_fraction"):
             assert 0.0 <= agreement[key] <= 1.0, (name, key)
         assert agreement["top5"] >= agreement["top1"], name
         assert entry["latency_ms"]["count"] == config.latency_runs, name
@@ -157,6 +157,32 @@ def test_agreement_counts_ties_and_top5():
     assert result["all_equal_fraction"] == 0.5
     assert result["keras_top1_accuracy"] == 0.5
     assert result["export_top1_accuracy"] == 0.0
+    assert "top1_clear" not in result
+
+
+def test_agreement_on_clear_margins():
+    reference = np.array([[0.0, 1.0, 0.9], [3.0, 0.0, 0.0]], np.float32)
+    # Row 0 leads by 0.1 logits, under 2 steps of 0.1, and disagrees;
+    # row 1 leads clearly and agrees.
+    outputs = np.array([[0.0, 0.9, 1.0], [2.9, 0.0, 0.1]], np.float32)
+    result = scale.agreement(reference, outputs, np.array([1, 0]), step=0.1)
+    assert result["top1"] == 0.5
+    assert result["clear_fraction"] == 0.5
+    assert result["top1_clear"] == 1.0
+
+
+def test_agreement_margins_of_softmax_export():
+    reference = np.array([[0.0, 5.0, 0.0]], np.float32)
+    outputs = np.array([[0.0, 0.98, 0.0]], np.float32)
+    # Softmax probabilities lead by about 0.99 - 0.007, far over 2 steps.
+    result = scale.agreement(
+        reference, outputs, np.array([1]), step=1 / 256, softmax=True
+    )
+    assert result["clear_fraction"] == 1.0
+    assert result["top1_clear"] == 1.0
+    logits = scale.agreement(reference, outputs, np.array([1]), step=3.0)
+    assert logits["clear_fraction"] == 0.0
+    assert logits["top1_clear"] is None
 
 
 @pytest.mark.parametrize(
