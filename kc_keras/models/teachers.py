@@ -10,7 +10,7 @@ of other verticals' images labelled as the dustbin.
 Fine-tuning starts every specialist at the generalist's accuracy. In an
 earlier trio-30 measurement with small CNNs, specialists trained from
 scratch on their vertical alone scored below the generalist on that
-vertical (digits 96.0 % vs 97.8 % top-1), and the routed ensemble fell
+vertical (digits 96.0 % vs 97.8 % top-1). The routed ensemble then fell
 below the generalist (92.1 % vs 92.8 %).
 
 `train_teachers` writes everything under `RUN/teachers/` (see
@@ -69,8 +69,9 @@ class TeacherConfig:
             not undo the copied weights.
         freeze_batch_norm: keep the copied batch-normalization layers
             fixed (inference mode) while a specialist is fine-tuned. Their
-            statistics then stay those of all classes, which the
-            specialist also sees through the dustbin.
+            statistics then stay those of all classes, because the
+            specialist's inputs include other verticals' images through
+            the dustbin.
         dustbin_fraction: number of other verticals' images in a
             specialist's training data, as a fraction of its own
             vertical's images.
