@@ -489,48 +489,10 @@ def _export_name(mode, logits_output):
     return f"student_{mode}" + ("_logits" if logits_output else "")
 
 
-def measure_size(config, num_classes, work_dir):
-    """Run every stage at `num_classes` classes and return the measurements.
-
-    Args:
-        config: a `ScaleConfig`.
-        num_classes: N.
-        work_dir: folder of the per-N run folders (teachers, cache,
-            student, exports); replaced on each measurement.
-
-    Returns:
-        A JSON-serialisable dict of the measurements.
-    """
-    import keras
-
-    from converters import export as export_lib
-    from converters import qat as qat_lib
-    from kc_keras import training
-    from kc_keras.distill import soft_targets
-    from kc_keras.distill.config import LossConfig
+def _train_teachers(config, dataset, run_dir, stages, label):
+    """Train the tiny teachers; return them and their summary."""
     from kc_keras.models import backbones
-    from kc_keras.models import student as student_lib
     from kc_keras.models import teachers as teachers_lib
-    from kc_keras.run import RunDir
-    from mobile_demo.benchmark import TFLiteModel
-
-    label = f"N={num_classes}"
-    stages = {}
-    result = {
-        "format_version": FORMAT_VERSION,
-        "num_classes": num_classes,
-        "key": config.measurement_key(),
-        "stages": stages,
-    }
-    run_dir = RunDir(Path(work_dir) / f"n{num_classes}")
-    with StageMeter("data", stages, label):
-        dataset = scale_dataset(config, num_classes)
-    taxonomy = dataset.taxonomy
-    result["num_verticals"] = taxonomy.num_verticals
-    result["images"] = {
-        name: len(dataset.split(name))
-        for name in ("train", "validation", "test")
-    }
 
     teacher_config = teachers_lib.TeacherConfig(
         backbone=backbones.BackboneSpec(
@@ -543,22 +505,30 @@ def measure_size(config, num_classes, work_dir):
         seed=config.seed,
     )
     with StageMeter("teachers", stages, label):
-        teacher_metrics = teachers_lib.train_teachers(
+        metrics = teachers_lib.train_teachers(
             dataset, run_dir, teacher_config, overwrite=True
         )
         teachers = teachers_lib.load_teachers(run_dir)
-    result["teachers"] = {
+    summary = {
         "generalist_parameters": int(teachers.generalist.count_params()),
         "specialist_parameters": int(
             sum(model.count_params() for model in teachers.specialists)
         ),
-        "generalist_top1": teacher_metrics["models"]["generalist"]["top1"],
+        "generalist_top1": metrics["models"]["generalist"]["top1"],
     }
+    return teachers, summary
 
-    loss_config = LossConfig()
+
+def _cache_targets(dataset, teachers, loss_config, run_dir, stages, label):
+    """Write and read back the soft-target cache; return arrays, summary."""
+    from kc_keras.distill import soft_targets
+
     with StageMeter("cache_write", stages, label):
         targets = soft_targets.TeacherTargets(
-            teachers.generalist, teachers.specialists, taxonomy, loss_config
+            teachers.generalist,
+            teachers.specialists,
+            dataset.taxonomy,
+            loss_config,
         )
         files = [
             run_dir.teachers / entry["file"]
@@ -568,49 +538,27 @@ def measure_size(config, num_classes, work_dir):
         soft_targets.write_cache(run_dir.soft_targets, targets, dataset, key)
     with StageMeter("cache_read", stages, label):
         arrays = soft_targets.read_cache(run_dir.soft_targets, key)
-    num_train = len(dataset.split("train"))
     cache_bytes = _folder_bytes(run_dir.soft_targets)
-    result["cache"] = {
+    index_dtype = soft_targets.index_dtype(dataset.taxonomy.num_classes)
+    summary = {
         "bytes": cache_bytes,
-        "bytes_per_image": cache_bytes / num_train,
+        "bytes_per_image": cache_bytes / len(dataset.split("train")),
         "top_k": dict(targets.widths),
-        "index_dtype": np.dtype(soft_targets.index_dtype(num_classes)).name,
+        "index_dtype": np.dtype(index_dtype).name,
     }
+    return arrays, summary
 
-    with StageMeter("distill_cached", stages, label):
-        data = soft_targets.cached_pipeline(
-            dataset, arrays, config.batch_size, seed=config.seed
-        ).repeat()
-        student, cached_step = _distil(
-            config, dataset, teachers, loss_config, data, config.cached_steps
-        )
-    with StageMeter("distill_online", stages, label):
-        data = dataset.pipeline("train", config.batch_size, repeat=True)
-        _, online_step = _distil(
-            config, dataset, teachers, loss_config, data, config.online_steps
-        )
-    training.save_model(student, run_dir.student / "student.keras")
-    result["parameters"] = student_lib.count_parameters(student)
-    result["step_seconds"] = {"cached": cached_step, "online": online_step}
 
-    test = dataset.split("test")
-    reference = training.predict_logits(student, test.images)
-    train_split = dataset.split("train")
-    rng = np.random.default_rng(config.seed)
-    representative = train_split.images[
-        np.sort(
-            rng.choice(
-                num_train,
-                min(config.representative_images, num_train),
-                replace=False,
-            )
-        )
-    ]
+def _qat_inputs(config, dataset, arrays, loss_config, reference, images):
+    """Return the `QATData` and `QATConfig` of the QAT export."""
+    from converters import qat as qat_lib
+
+    train = dataset.split("train")
     qat_data = qat_lib.QATData(
-        train_images=train_split.images,
-        train_labels=train_split.labels.astype(np.int32),
-        representative=representative,
-        reference_images=test.images[:8],
+        train_images=train.images,
+        train_labels=train.labels.astype(np.int32),
+        representative=images,
+        reference_images=dataset.split("test").images[:8],
         reference_logits=reference[:8],
         targets={
             role: (indices.astype(np.int32), values.astype(np.float32))
@@ -624,12 +572,49 @@ def measure_size(config, num_classes, work_dir):
         batch_size=config.batch_size,
         seed=config.seed,
     )
+    return qat_data, qat_config
+
+
+def _representative(config, dataset):
+    train = dataset.split("train")
+    rng = np.random.default_rng(config.seed)
+    count = min(config.representative_images, len(train))
+    return train.images[np.sort(rng.choice(len(train), count, replace=False))]
+
+
+def _export_and_run(config, dataset, student, qat_inputs, run_dir, stages):
+    """Convert the student to every export of `config` and run each one.
+
+    Args:
+        config: a `ScaleConfig`.
+        dataset: the scale `Dataset`.
+        student: the distilled Keras student.
+        qat_inputs: (reference logits on the test images, soft-target
+            arrays, `LossConfig`) for the QAT export.
+        run_dir: the per-N `RunDir`.
+        stages: the stage timings dict.
+
+    Returns:
+        `{export name: measurements}`.
+    """
+    from converters import export as export_lib
+    from converters import qat as qat_lib
+    from mobile_demo.benchmark import TFLiteModel
+
+    taxonomy = dataset.taxonomy
+    label = f"N={taxonomy.num_classes}"
+    test = dataset.split("test")
+    reference, arrays, loss_config = qat_inputs
+    representative = _representative(config, dataset)
+    qat_data, qat_config = _qat_inputs(
+        config, dataset, arrays, loss_config, reference, representative
+    )
     builder_kwargs = {
         "config": _student_config(config).to_dict(),
         "taxonomy": taxonomy.to_dict(),
         "preprocessing": dataset.preprocessing.to_dict(),
     }
-    info = export_lib.ModelInfo("student", tuple(range(num_classes)))
+    info = export_lib.ModelInfo("student", tuple(range(taxonomy.num_classes)))
     exports = {}
     for mode, logits_output in config.exports:
         name = _export_name(mode, logits_output)
@@ -686,7 +671,78 @@ def measure_size(config, num_classes, work_dir):
             exports[name]["agreement"]["top1"],
             record["size_bytes"],
         )
-    result["exports"] = exports
+    return exports
+
+
+def measure_size(config, num_classes, work_dir):
+    """Run every stage at `num_classes` classes and return the measurements.
+
+    Args:
+        config: a `ScaleConfig`.
+        num_classes: N.
+        work_dir: folder of the per-N run folders (teachers, cache,
+            student, exports); replaced on each measurement.
+
+    Returns:
+        A JSON-serialisable dict of the measurements.
+    """
+    import keras
+
+    from kc_keras import training
+    from kc_keras.distill import soft_targets
+    from kc_keras.distill.config import LossConfig
+    from kc_keras.models import student as student_lib
+    from kc_keras.run import RunDir
+
+    label = f"N={num_classes}"
+    stages = {}
+    result = {
+        "format_version": FORMAT_VERSION,
+        "num_classes": num_classes,
+        "key": config.measurement_key(),
+        "stages": stages,
+    }
+    run_dir = RunDir(Path(work_dir) / f"n{num_classes}")
+    with StageMeter("data", stages, label):
+        dataset = scale_dataset(config, num_classes)
+    result["num_verticals"] = dataset.taxonomy.num_verticals
+    result["images"] = {
+        name: len(dataset.split(name))
+        for name in ("train", "validation", "test")
+    }
+    teachers, result["teachers"] = _train_teachers(
+        config, dataset, run_dir, stages, label
+    )
+    loss_config = LossConfig()
+    arrays, result["cache"] = _cache_targets(
+        dataset, teachers, loss_config, run_dir, stages, label
+    )
+
+    with StageMeter("distill_cached", stages, label):
+        data = soft_targets.cached_pipeline(
+            dataset, arrays, config.batch_size, seed=config.seed
+        ).repeat()
+        student, cached_step = _distil(
+            config, dataset, teachers, loss_config, data, config.cached_steps
+        )
+    with StageMeter("distill_online", stages, label):
+        data = dataset.pipeline("train", config.batch_size, repeat=True)
+        _, online_step = _distil(
+            config, dataset, teachers, loss_config, data, config.online_steps
+        )
+    training.save_model(student, run_dir.student / "student.keras")
+    result["parameters"] = student_lib.count_parameters(student)
+    result["step_seconds"] = {"cached": cached_step, "online": online_step}
+
+    reference = training.predict_logits(student, dataset.split("test").images)
+    result["exports"] = _export_and_run(
+        config,
+        dataset,
+        student,
+        (reference, arrays, loss_config),
+        run_dir,
+        stages,
+    )
     keras.backend.clear_session()
     return result
 
