@@ -514,7 +514,7 @@ class BenchConfig:
         threads: interpreter thread counts; 1 and 2 are always measured.
         warmup: untimed runs per system and thread count.
         runs: timed runs per system and thread count.
-        limit: use only the first `limit` test images (None: all).
+        limit: use only `limit` test images, evenly spaced (None: all).
         modes: student export modes (None: every mode present).
         ensemble_modes: teacher export modes for the generalist and the
             ensembles (empty: benchmark the students only).
@@ -697,7 +697,7 @@ def load_test_set(path, limit=None):
     Args:
         path: .npz file with uint8 `images` (N, height, width, channels)
             and integer `labels` (N,).
-        limit: keep only the first `limit` images.
+        limit: keep only `limit` images, evenly spaced over the file.
 
     Returns:
         A tuple (images, labels as int64).
@@ -737,8 +737,11 @@ def load_test_set(path, limit=None):
             f"shape {labels.shape}; expected integers of shape "
             f"({len(images)},)"
         )
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+    if limit is not None and limit < len(images):
+        # Evenly spaced rows rather than the first ones: a test set sorted
+        # by class keeps every class.
+        rows = np.round(np.linspace(0, len(images) - 1, limit)).astype(int)
+        images, labels = images[rows], labels[rows]
     if len(images) == 0:
         raise TFLiteError(f"test set {path} has no images; re-export it")
     return images, labels.astype(np.int64)
@@ -1038,6 +1041,10 @@ def run_benchmark(config):
         raise TFLiteError(
             f"invalid --runs {config.runs} / --warmup {config.warmup}; "
             "pass --runs 1 or more and --warmup 0 or more"
+        )
+    if config.limit is not None and config.limit < 1:
+        raise TFLiteError(
+            f"invalid --limit {config.limit}; pass 1 or more test images"
         )
     runtime, runtime_version, _ = load_runtime(config.runtime)
     threads = thread_counts(config.threads)
@@ -1809,7 +1816,9 @@ def build_arg_parser():
         "--runs", type=int, default=100, help="timed runs per system"
     )
     parser.add_argument(
-        "--limit", type=int, help="use only the first N test images"
+        "--limit",
+        type=int,
+        help="use only N test images, evenly spaced over the test set",
     )
     parser.add_argument(
         "--modes",

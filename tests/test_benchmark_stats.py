@@ -116,6 +116,24 @@ def test_probabilities_kept_for_probability_outputs():
     np.testing.assert_array_equal(probabilities, model.outputs)
 
 
+def test_load_test_set_limit_keeps_every_class(tmp_path):
+    # Sorted by class, as exported: the first 8 rows hold only class 0.
+    labels = np.repeat(np.arange(4), 10).astype(np.int32)
+    images = np.zeros((40, 2, 2, 1), np.uint8)
+    np.savez(tmp_path / "test.npz", images=images, labels=labels)
+    _, kept = benchmark.load_test_set(tmp_path / "test.npz", limit=8)
+    assert len(kept) == 8
+    assert set(kept.tolist()) == {0, 1, 2, 3}
+
+
+def test_invalid_limit_rejected(tmp_path, capsys):
+    code = benchmark.main(
+        ["--models", str(tmp_path), "--out", str(tmp_path), "--limit", "0"]
+    )
+    assert code == 2
+    assert "invalid --limit 0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # Targets
 

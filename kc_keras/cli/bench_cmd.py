@@ -33,8 +33,8 @@ def _split(values):
 @click.option(
     "--quick",
     is_flag=True,
-    help=f"{QUICK_WARMUP} warm-up and {QUICK_RUNS} timed runs on the first "
-    f"{QUICK_LIMIT} test images.",
+    help=f"{QUICK_WARMUP} warm-up and {QUICK_RUNS} timed runs on "
+    f"{QUICK_LIMIT} test images spread over the test set.",
 )
 @click.option(
     "--runtime",
@@ -61,7 +61,7 @@ def _split(values):
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
-    help="Use only the first N test images.",
+    help="Use only N test images, evenly spaced over the test set.",
 )
 @click.option(
     "--modes",
