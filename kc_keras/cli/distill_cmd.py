@@ -4,15 +4,21 @@ import logging
 
 import click
 
+from kc_keras.distill.config import LOSS_KINDS
+from kc_keras.distill.config import PRECISIONS
+from kc_keras.distill.config import LossConfig
+from kc_keras.distill.config import TrainConfig
+
 logger = logging.getLogger(__name__)
 
-# Names mirrored from kc_keras.distill and kc_keras.models.student, which
-# import TensorFlow; `kc --help` must not.
+# Names mirrored from kc_keras.models.student and kc_keras.distill.strategy,
+# which import TensorFlow; `kc --help` must not. kc_keras.distill.config
+# imports no TensorFlow.
 HEADS = ("fc-sc", "fc-fc")
 SELF_PACED_MODES = ("vertical", "class", "none")
-LOSS_KINDS = ("sigmoid", "kl")
 STRATEGIES = ("none", "mirrored", "multi-worker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+LOSS_DEFAULTS = LossConfig()
+TRAIN_DEFAULTS = TrainConfig()
 
 
 @click.command()
@@ -49,17 +55,20 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
     "loss_kind",
     type=click.Choice(LOSS_KINDS),
     help="Soft loss: softmax KL at temperature T times T^2 (kl), or binary "
-    "cross-entropy of sigmoid(student logits) (sigmoid).",
+    "cross-entropy of sigmoid(student logits) (sigmoid). Default: "
+    f"{LOSS_DEFAULTS.kind}.",
 )
 @click.option(
     "--temperature",
     type=float,
-    help="Softmax temperature T of the teachers; must be positive.",
+    help="Softmax temperature T of the teachers; must be positive. "
+    f"Default: {LOSS_DEFAULTS.temperature}.",
 )
 @click.option(
     "--alpha",
     type=float,
-    help="Weight of the hard-label cross-entropy, in [0, 1].",
+    help="Weight of the hard-label cross-entropy, in [0, 1]. Default: "
+    f"{LOSS_DEFAULTS.alpha}.",
 )
 @click.option(
     "--top-k",
@@ -70,18 +79,31 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 @click.option(
     "--generalist-weight",
     type=float,
-    help="Weight of the generalist's soft loss; 0 skips the generalist.",
+    help="Weight of the generalist's soft loss; 0 skips the generalist. "
+    f"Default: {LOSS_DEFAULTS.generalist_weight}.",
 )
 @click.option(
     "--specialist-weight",
     type=float,
-    help="Weight of the soft loss of the specialist of each image's vertical.",
+    help="Weight of the soft loss of the specialist of each image's "
+    f"vertical. Default: {LOSS_DEFAULTS.specialist_weight}.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="Epochs.")
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), help="Global batch size."
+    "--epochs",
+    type=click.IntRange(min=1),
+    help=f"Epochs. Default: {TRAIN_DEFAULTS.epochs}.",
 )
-@click.option("--learning-rate", type=float, help="Peak Adam learning rate.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help=f"Global batch size. Default: {TRAIN_DEFAULTS.batch_size}.",
+)
+@click.option(
+    "--learning-rate",
+    type=float,
+    help="Peak Adam learning rate, decayed to 0 by a cosine schedule. "
+    f"Default: {TRAIN_DEFAULTS.learning_rate}.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--cache-soft-targets",
@@ -161,8 +183,6 @@ def distill(
     trained, the generalist and the routed ensemble) and prints a top-1
     table.
     """
-    from kc_keras.distill.config import LossConfig
-    from kc_keras.distill.config import TrainConfig
     from kc_keras.distill.train import RunOptions
     from kc_keras.distill.train import distill_run
     from kc_keras.errors import KCError
