@@ -14,10 +14,11 @@ KC := $(VENV)/bin/kc
 QUICK_FLAG := $(if $(filter 1 true yes,$(QUICK)),--quick,)
 STAMP := $(VENV)/.kc-setup-done
 
-# Debian packages: data sets and fonts the loaders read, and the browser
-# the web demo tests drive.
+# Debian packages: data sets and fonts the loaders read, the browser the
+# web demo tests drive, and the Kotlin compiler and JUnit that run the
+# Android app's plain-JVM processing tests.
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-cjk fonts-kouzan-mouhitsu \
-	fonts-seto kanjidic-xml chromium
+	fonts-seto kanjidic-xml chromium kotlin junit4 libandroid-json-java
 
 .PHONY: setup demo teachers distill tflite bench test web web-deps ablate \
 	bench-scale android-assets lint clean-run
