@@ -40,6 +40,9 @@ class LossConfig:
             the generalist.
     """
 
+    # NOTE: chosen from 300-step runs on trio-30 (2 seeds, validation
+    # top-1): kl beat sigmoid by 13 points, T=2 beat T=4, and no setting
+    # beat hard labels alone at that length. Longer runs are not tuned.
     kind: str = "kl"
     temperature: float = 2.0
     alpha: float = 0.5
@@ -114,7 +117,9 @@ class TrainConfig:
             whole split.
     """
 
-    epochs: int = 10
+    # Four epochs keep `kc distill --baselines` on trio-30 near 15 minutes
+    # on two CPU cores (three students at 0.07 to 0.15 s per step).
+    epochs: int = 4
     batch_size: int = 128
     learning_rate: float = 2e-3
     seed: int = 0
