@@ -23,6 +23,17 @@ from kc_keras.errors import KCError
 logger = logging.getLogger(__name__)
 
 
+def _is_multi_worker(strategy):
+    """Return True under MultiWorkerMirroredStrategy with several workers."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    resolver = strategy.cluster_resolver
+    if resolver is None:
+        return False
+    tasks = resolver.cluster_spec().as_dict().values()
+    return sum(len(addresses) for addresses in tasks) > 1
+
+
 class Distiller(keras.Model):
     """Train a student from hard labels and frozen teachers' soft targets.
 
@@ -122,14 +133,41 @@ class Distiller(keras.Model):
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         self._update_metrics(labels, logits, total, hard, soft)
-        return {metric.name: metric.result() for metric in self.metrics}
+        return self._metric_results()
 
     def test_step(self, data):
         images, labels = data[:2]
         logits = self.student(images, training=False)
         hard = losses.hard_loss(labels, logits)
         self._update_metrics(labels, logits, hard, hard, tf.zeros_like(hard))
-        return {metric.name: metric.result() for metric in self.metrics}
+        return self._metric_results()
+
+    def _metric_results(self):
+        results = {metric.name: metric.result() for metric in self.metrics}
+        if _is_multi_worker(tf.distribute.get_strategy()):
+            # Keras 3.15 averages each returned value across workers along
+            # axis 0, which a scalar lacks. A (1,) tensor reduces to the
+            # scalar mean of the workers' running means, which is the global
+            # mean when every worker gets batches of the same size.
+            results = {
+                name: tf.reshape(value, [1]) for name, value in results.items()
+            }
+        return results
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 builds a model under a strategy from one input batch
+        # that it reduces across replicas. Under MultiWorkerMirroredStrategy
+        # that reduction fails, and it also opens an extra iterator, which
+        # reshuffles a dataset that reshuffles each iteration. A built
+        # distiller only needs its optimizer's variables.
+        # NOTE: this overrides a private method of Keras 3.15's TensorFlow
+        # trainer; check it when upgrading Keras.
+        if self.built and all(layer.built for layer in self._flatten_layers()):
+            if self.optimizer is not None and not self.optimizer.built:
+                with self.distribute_strategy.scope():
+                    self.optimizer.build(self.trainable_variables)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _update_metrics(self, labels, logits, total, hard, soft):
         correct = tf.cast(
