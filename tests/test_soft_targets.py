@@ -139,3 +139,17 @@ def test_check_teachers_rejects_mismatch(dataset, targets, problem, match):
     with pytest.raises(KCError, match=match):
         soft_targets.check_teachers(generalist, specialists, dataset.taxonomy)
     keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_targets_with_empty_vertical(dataset, targets, graph):
+    # The first training images all belong to class 0, so the other
+    # verticals' specialists get no image in this batch.
+    split = dataset.split("train")
+    images = tf.constant(split.images[:4], tf.float32)
+    labels = tf.constant(split.labels[:4])
+    compute = tf.function(targets) if graph else targets
+    indices, probabilities = compute(images, labels)["specialist"]
+    own = set(dataset.taxonomy.vertical_classes(0))
+    assert set(indices.numpy().ravel()) <= own
+    assert np.all(probabilities.numpy() > 0)

@@ -114,11 +114,14 @@ class TeacherTargets:
         for vertical, model in enumerate(self.specialists):
             rows = tf.where(tf.equal(image_vertical, vertical))[:, 0]
             rows = tf.cast(rows, tf.int32)
-            if tf.executing_eagerly() and int(tf.size(rows)) == 0:
-                # Keras 3 rejects an empty batch in eager calls; inside a
-                # tf.function the empty batch runs and scatters nothing.
-                continue
-            logits = model(tf.gather(images, rows), training=False)
+            # One extra image (row 0) keeps the specialist's batch non-empty:
+            # Keras 3 rejects an empty batch in eager calls, and TensorFlow
+            # 2.21 fails on one inside BatchNormalization in graph mode. In
+            # inference mode each output row depends only on its own image,
+            # so dropping the extra row changes nothing.
+            padded_rows = tf.concat([rows, tf.zeros([1], tf.int32)], axis=0)
+            logits = model(tf.gather(images, padded_rows), training=False)
+            logits = logits[:-1]
             # The softmax covers the vertical's classes and the dustbin. The
             # dustbin's share is then dropped, so a specialist that doubts
             # the image belongs to its vertical gives weaker targets.
