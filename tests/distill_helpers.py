@@ -40,21 +40,21 @@ def tiny_dataset(num_classes=12, num_verticals=3, seed=0):
     )
 
 
-def tiny_teacher(num_outputs, preprocessing, name, seed):
+def tiny_teacher(num_outputs, preprocessing, name, seed, backbone=None):
     """Build a random small CNN teacher with BatchNorm."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(preprocessing.input_shape, name="pixels")
     features = backbones.build_features(
-        inputs, TINY_BACKBONE, preprocessing, keras
+        inputs, backbone or TINY_BACKBONE, preprocessing, keras
     )
     logits = keras.layers.Dense(num_outputs, name="logits")(features)
     return keras.Model(inputs, logits, name=name)
 
 
-def tiny_teachers(taxonomy, preprocessing, seed=0):
+def tiny_teachers(taxonomy, preprocessing, seed=0, backbone=None):
     """Return (generalist, specialists) for `taxonomy`."""
     generalist = tiny_teacher(
-        taxonomy.num_classes, preprocessing, "generalist", seed
+        taxonomy.num_classes, preprocessing, "generalist", seed, backbone
     )
     specialists = tuple(
         tiny_teacher(
@@ -62,6 +62,7 @@ def tiny_teachers(taxonomy, preprocessing, seed=0):
             preprocessing,
             f"specialist_{v}",
             seed + 1 + v,
+            backbone,
         )
         for v in range(taxonomy.num_verticals)
     )
@@ -85,10 +86,10 @@ def tiny_student(taxonomy, preprocessing, seed=0, **config):
     )
 
 
-def teacher_targets(dataset, loss_config=None, seed=0):
+def teacher_targets(dataset, loss_config=None, seed=0, backbone=None):
     """Return a `TeacherTargets` over tiny random teachers of `dataset`."""
     generalist, specialists = tiny_teachers(
-        dataset.taxonomy, dataset.preprocessing, seed
+        dataset.taxonomy, dataset.preprocessing, seed, backbone
     )
     return soft_targets.TeacherTargets(
         generalist,
