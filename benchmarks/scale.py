@@ -475,6 +475,50 @@ def agreement(reference_logits, outputs, labels, step=None, softmax=False):
     return result
 
 
+# TFLite's int8 L2_NORMALIZATION kernel has a fixed output scale of 1/128
+# (zero point 0), whatever the calibration data.
+L2_NORMALIZATION_STEP = 1.0 / 128
+
+
+def l2_rounding_agreement(student, images):
+    """Return the top-1 agreement of the float student with one change.
+
+    Only the L2-normalised logits of each self-paced layer are rounded to
+    multiples of 1/128, as the int8 L2_NORMALIZATION kernel outputs them.
+    Everything else stays float, so the result isolates that layer's share
+    of the int8 export's disagreement. A vertical of n classes has
+    normalised entries near 1/sqrt(n), which is only 128/sqrt(n) steps.
+
+    Returns:
+        The agreement, or None when the student has no self-paced layer.
+    """
+    import keras
+
+    scaled = [
+        layer
+        for layer in student.layers
+        if type(layer).__name__ == "SelfPacedScale"
+    ]
+    if not scaled:
+        return None
+    probe = keras.Model(student.inputs, [layer.input for layer in scaled])
+    parts = probe.predict(images.astype(np.float32), batch_size=128, verbose=0)
+    if len(scaled) == 1:
+        # A model with one output returns an array, not a list.
+        parts = [parts]
+    exact, rounded = [], []
+    for layer, logits in zip(scaled, parts, strict=True):
+        gamma = layer.get_weights()[0]
+        norm = np.sqrt(np.maximum(np.sum(logits**2, 1, keepdims=True), 1e-12))
+        unit = logits / norm
+        steps = np.clip(np.round(unit / L2_NORMALIZATION_STEP), -128, 127)
+        exact.append(gamma * unit)
+        rounded.append(gamma * steps * L2_NORMALIZATION_STEP)
+    exact = np.concatenate(exact, axis=1)
+    rounded = np.concatenate(rounded, axis=1)
+    return float(np.mean(exact.argmax(axis=1) == rounded.argmax(axis=1)))
+
+
 def _latency(model, image, runs):
     from mobile_demo.benchmark import latency_stats
 
@@ -738,7 +782,12 @@ def measure_size(config, num_classes, work_dir):
     result["parameters"] = student_lib.count_parameters(student)
     result["step_seconds"] = {"cached": cached_step, "online": online_step}
 
-    reference = training.predict_logits(student, dataset.split("test").images)
+    test_images = dataset.split("test").images
+    reference = training.predict_logits(student, test_images)
+    result["diagnostics"] = {
+        "l2_rounding_top1": l2_rounding_agreement(student, test_images),
+        "keras_top1_margin_median": float(np.median(top_margin(reference))),
+    }
     result["exports"] = _export_and_run(
         config,
         dataset,
@@ -944,7 +993,9 @@ def summarize(results):
         results: per-N result dicts, sorted by N.
 
     Returns:
-        `{metric: {"description", "unit", "values", "slope", "growth"}}`.
+        `{metric: {"description", "unit", "values", "slope", "growth",
+        "top_slope", "top_growth"}}`, where `top_slope` is the slope
+        between the two largest N.
     """
     sizes = [r["num_classes"] for r in results]
     summary = {}
@@ -956,12 +1007,17 @@ def summarize(results):
             except (KeyError, TypeError):
                 values.append(None)
         slope = log_log_slope(sizes, values)
+        # Fixed costs flatten the fit over all N; the slope between the
+        # two largest N shows the growth that large N approaches.
+        top_slope = log_log_slope(sizes[-2:], values[-2:])
         summary[name] = {
             "description": description,
             "unit": unit,
             "values": values,
             "slope": slope,
             "growth": growth(slope),
+            "top_slope": top_slope,
+            "top_growth": growth(top_slope),
         }
     return summary
 
@@ -994,15 +1050,18 @@ def render_markdown(report):
         "",
         "| metric | unit | "
         + " | ".join(f"N={n:,}" for n in sizes)
-        + " | slope | growth |",
-        "|---|---|" + "---:|" * len(sizes) + "---:|---|",
+        + " | slope | growth | slope, 2 largest N | growth there |",
+        "|---|---|" + "---:|" * len(sizes) + "---:|---|---:|---|",
     ]
     for row in report["summary"].values():
         slope = "n/a" if row["slope"] is None else f"{row['slope']:.2f}"
+        top = row.get("top_slope")
+        top = "n/a" if top is None else f"{top:.2f}"
         lines.append(
             f"| {row['description']} | {row['unit']} | "
             + " | ".join(_cell(v) for v in row["values"])
-            + f" | {slope} | {row['growth']} |"
+            + f" | {slope} | {row['growth']} | {top} | "
+            + f"{row.get('top_growth', 'n/a')} |"
         )
     lines += [
         "",
@@ -1036,6 +1095,23 @@ def render_markdown(report):
                 f"{entry['weights']['per_channel']} / "
                 f"{entry['weights']['per_tensor']} |"
             )
+    lines += [
+        "",
+        "Float student with only its L2-normalised logits rounded to the "
+        "1/128 steps of TFLite's int8 L2_NORMALIZATION output (everything "
+        "else float): top-1 agreement "
+        + ", ".join(
+            f"{_cell(r.get('diagnostics', {}).get('l2_rounding_top1'))} at "
+            f"N={r['num_classes']:,}"
+            for r in results
+        )
+        + ". Median Keras top-1 logit margin: "
+        + ", ".join(
+            f"{_cell(r.get('diagnostics', {}).get('keras_top1_margin_median'))}"
+            for r in results
+        )
+        + ".",
+    ]
     lines += [
         "",
         "## Peak resident memory per stage (MiB)",

@@ -69,6 +69,8 @@ def test_quick_run_measures_every_stage(quick_report):
     assert result["step_seconds"]["cached"] > 0
     assert result["step_seconds"]["online"] > 0
     assert result["parameters"]["head"] > 0
+    assert 0.0 <= result["diagnostics"]["l2_rounding_top1"] <= 1.0
+    assert result["diagnostics"]["keras_top1_margin_median"] >= 0.0
     assert result["parameters"]["total"] > result["parameters"]["head"]
 
 
@@ -210,3 +212,33 @@ def test_cli_reports_invalid_sizes(capsys):
     code = scale.main(["--sizes", "30", "--verticals", "20", "--out", "x"])
     assert code == 2
     assert "N=30 classes is too small" in capsys.readouterr().err
+
+
+def _self_paced_model(width):
+    import keras
+
+    from kc_keras.models.layers import SelfPacedScale
+
+    inputs = keras.Input((width,))
+    logits = keras.layers.Dense(
+        width, use_bias=False, kernel_initializer="identity", name="head_v0"
+    )(inputs)
+    outputs = SelfPacedScale(gamma_init=1.0, name="head_v0_self_paced")(logits)
+    return keras.Model(inputs, outputs)
+
+
+def test_l2_rounding_flips_near_ties():
+    model = _self_paced_model(3)
+    # Row 0: classes 0 and 1 differ by 0.001 and round to the same 1/128
+    # step, so the rounded argmax falls on class 0; row 1 stays clear.
+    images = np.array([[1.0, 1.001, 0.2], [1.0, 0.5, 0.0]], np.float32)
+    assert scale.l2_rounding_agreement(model, images) == 0.5
+
+
+def test_l2_rounding_without_self_paced_layer():
+    import keras
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    images = np.zeros((2, 3), np.float32)
+    assert scale.l2_rounding_agreement(model, images) is None
