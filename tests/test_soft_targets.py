@@ -2,7 +2,6 @@
 
 import os
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -139,7 +138,6 @@ def test_check_teachers_rejects_mismatch(dataset, targets, problem, match):
         specialists[1] = None
     with pytest.raises(KCError, match=match):
         soft_targets.check_teachers(generalist, specialists, dataset.taxonomy)
-    keras.backend.clear_session()
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
