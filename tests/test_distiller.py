@@ -378,7 +378,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
             targets = teacher_targets(dataset, config)
             student = tiny_student(dataset.taxonomy, dataset.preprocessing)
             # Each replica normalises with its own batch statistics, which
-            # differ from the global batch's by design; frozen BatchNorm
+            # differ from the global batch's by design. Frozen BatchNorm
             # layers use their moving statistics on every device.
             for layer in student.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
