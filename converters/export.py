@@ -20,7 +20,7 @@ from kc_keras.errors import KCError
 logger = logging.getLogger(__name__)
 
 MODES = ("float32", "float16", "dynamic", "ptq-int8", "qat-int8")
-STUDENT_MODES = ("qat-int8",)
+STUDENT_MODES = MODES
 TEACHER_MODES = ("ptq-int8", "float32")
 
 

@@ -61,7 +61,7 @@ def format_table(report):
 )
 @click.option(
     "--modes",
-    default="qat-int8",
+    default="all",
     show_default=True,
     help="Comma-separated student export modes: float32, float16, dynamic, "
     "ptq-int8, qat-int8, or all.",
