@@ -38,7 +38,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def build(model, dist):
     subprocess.run(
-        ["node", "build.mjs", "--model", str(model), "--out", str(dist)],
+        [
+            "node",
+            "build.mjs",
+            "--model",
+            str(Path(model).resolve()),
+            "--out",
+            str(Path(dist).resolve()),
+        ],
         cwd=WEB,
         check=True,
     )
