@@ -4,6 +4,12 @@ Every function takes scores (logits, probabilities or ensemble scores: only
 their order matters) of shape (num_images, num_outputs) and integer labels,
 so the same code scores Keras models, TFLite models and the ensembles of
 `mobile_demo.benchmark`.
+
+Large label spaces are scored batch by batch: `AccuracyCounter` and
+`EnsembleCounter` keep only per-image hit flags, and
+`stream_teacher_reports` combines the teachers batch by batch. No array of
+num_images x num_classes is built, because at 100,000 classes and 100,000
+test images such an array takes 40 GB in float32.
 """
 
 import logging
@@ -20,11 +26,16 @@ TOP_K = (1, 5)
 
 
 def softmax(logits):
-    """Return the row-wise softmax of `logits` as float32."""
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Return the row-wise softmax of `logits` as float32.
+
+    It works in float32, in place on one copy, because a float64 copy of
+    a batch of 100,000-class logits doubles the memory and the time.
+    """
+    values = np.array(logits, dtype=np.float32)
+    values -= values.max(axis=1, keepdims=True)
+    np.exp(values, out=values)
+    values /= values.sum(axis=1, keepdims=True)
+    return values.astype(np.float32)
 
 
 def _check(scores, labels):
@@ -71,8 +82,39 @@ def top_k_correct(scores, labels, k):
         raise KCError(f"top-k needs k >= 1, got {k}")
     if k == 1:
         return np.argmax(scores, axis=1) == labels
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.any(order == labels[:, None], axis=1)
+    return label_rank(scores, labels) < k
+
+
+def label_rank(scores, labels):
+    """Return each label's position in its row sorted by descending score.
+
+    The position is the one a stable descending sort gives (ties keep
+    column order, NaN scores sort last), computed by counting instead of
+    sorting, so it costs O(num_outputs) per row rather than a full sort.
+
+    Args:
+        scores: (num_images, num_outputs) array, checked by the caller.
+        labels: (num_images,) integer array of column indices.
+
+    Returns:
+        A (num_images,) int64 array; 0 means the label has the top score.
+    """
+    rows = np.arange(len(labels))
+    label_scores = scores[rows, labels][:, None]
+    columns = np.arange(scores.shape[1])
+    higher = np.count_nonzero(scores > label_scores, axis=1)
+    tied_before = np.count_nonzero(
+        (scores == label_scores) & (columns < labels[:, None]), axis=1
+    )
+    rank = higher + tied_before
+    # A NaN label score compares false with everything, and a stable
+    # sort puts it after every number and after the NaNs before it.
+    for row in np.flatnonzero(np.isnan(label_scores[:, 0])):
+        missing = np.isnan(scores[row])
+        rank[row] = np.count_nonzero(~missing) + np.count_nonzero(
+            missing[: labels[row]]
+        )
+    return rank
 
 
 def top_k_accuracy(scores, labels, k=1):
@@ -109,20 +151,88 @@ def _report(scores, labels, classes, class_vertical, vertical_names, ks):
     # `labels` index the score columns; `classes` are the true class
     # indices that decide each image's vertical. They differ for a
     # specialist, whose columns are local class indices plus a dustbin.
-    scores, labels = _check(scores, labels)
-    image_vertical = np.asarray(class_vertical)[np.asarray(classes)]
-    report = {"num_images": int(len(labels))}
-    for k in ks:
-        report[f"top{k}"] = top_k_accuracy(scores, labels, k)
-    per_vertical = {}
-    for v, name in enumerate(vertical_names):
-        rows = np.flatnonzero(image_vertical == v)
-        entry = {"num_images": int(rows.size)}
-        for k in ks:
-            entry[f"top{k}"] = top_k_accuracy(scores[rows], labels[rows], k)
-        per_vertical[name] = entry
-    report["per_vertical"] = per_vertical
-    return report
+    counter = AccuracyCounter(class_vertical, vertical_names, ks)
+    counter.update(scores, labels, classes)
+    return counter.report()
+
+
+def _mean(hits):
+    # The accuracy of no images is NaN, as in `top_k_accuracy`.
+    if hits.size == 0:
+        return float("nan")
+    return float(hits.mean())
+
+
+class AccuracyCounter:
+    """Top-k hits of score batches, reduced to an `accuracy_report`.
+
+    Each `update` scores one batch and keeps one boolean per image and k
+    plus the image's vertical, so memory grows with the number of images
+    only, never with images x outputs.
+
+    Args:
+        class_vertical: vertical index of each class.
+        vertical_names: name of each vertical.
+        ks: the k values to report; top-1 is always counted, because
+            `specialist_summary` compares top-1 figures.
+    """
+
+    def __init__(self, class_vertical, vertical_names, ks=TOP_K):
+        self.class_vertical = np.asarray(class_vertical)
+        self.vertical_names = tuple(vertical_names)
+        self.ks = tuple(ks)
+        self._counted_ks = tuple(sorted(set(self.ks) | {1}))
+        self._hits = {k: [] for k in self._counted_ks}
+        self._image_vertical = []
+
+    def update(self, scores, labels, classes=None):
+        """Count the hits of one batch.
+
+        Args:
+            scores: (batch, num_outputs) array.
+            labels: (batch,) column index of each image's correct output.
+            classes: (batch,) true class index of each image, which
+                decides its vertical; None when it equals `labels`.
+
+        Raises:
+            KCError: shapes do not match or a label is out of range.
+        """
+        scores, labels = _check(scores, labels)
+        classes = labels if classes is None else np.asarray(classes)
+        for k in self._counted_ks:
+            self._hits[k].append(top_k_correct(scores, labels, k))
+        self._image_vertical.append(self.class_vertical[classes])
+
+    def hits(self, k):
+        """Return the (num_images,) top-`k` hit flags counted so far."""
+        return _concatenate(self._hits[k], bool)
+
+    @property
+    def image_vertical(self):
+        """Vertical index of every image counted so far."""
+        return _concatenate(self._image_vertical, self.class_vertical.dtype)
+
+    def report(self):
+        """Return the `accuracy_report` dict of every image counted."""
+        image_vertical = self.image_vertical
+        report = {"num_images": int(image_vertical.size)}
+        for k in self.ks:
+            report[f"top{k}"] = _mean(self.hits(k))
+        per_vertical = {}
+        for v, name in enumerate(self.vertical_names):
+            rows = image_vertical == v
+            entry = {"num_images": int(np.count_nonzero(rows))}
+            for k in self.ks:
+                entry[f"top{k}"] = _mean(self.hits(k)[rows])
+            per_vertical[name] = entry
+        report["per_vertical"] = per_vertical
+        return report
+
+
+def _concatenate(parts, dtype):
+    if not parts:
+        return np.zeros(0, dtype)
+    return np.concatenate(parts)
 
 
 def specialist_label_map(class_vertical, vertical):
@@ -178,26 +288,34 @@ def specialist_report(
     """
     labels = np.asarray(labels)
     label_map = specialist_label_map(class_vertical, vertical)
-    local_labels = label_map[labels]
-    report = _report(
-        specialist_scores,
-        local_labels,
-        labels,
-        class_vertical,
-        vertical_names,
-        ks,
-    )
-    own = np.flatnonzero(np.asarray(class_vertical)[labels] == vertical)
-    specialist_top1 = top_k_accuracy(
-        np.asarray(specialist_scores)[own], local_labels[own], 1
-    )
-    generalist_top1 = top_k_accuracy(
-        np.asarray(generalist_scores)[own], labels[own], 1
-    )
+    specialist = AccuracyCounter(class_vertical, vertical_names, ks)
+    specialist.update(specialist_scores, label_map[labels], labels)
+    generalist = AccuracyCounter(class_vertical, vertical_names, ks)
+    generalist.update(generalist_scores, labels)
+    return specialist_summary(specialist, generalist, vertical)
+
+
+def specialist_summary(specialist, generalist, vertical):
+    """Build `specialist_report`'s dict from two filled counters.
+
+    Args:
+        specialist: the specialist's `AccuracyCounter`, updated with local
+            labels and true classes.
+        generalist: the generalist's `AccuracyCounter`, updated with the
+            same images in the same order.
+        vertical: the specialist's vertical index.
+
+    Returns:
+        The dict described in `specialist_report`.
+    """
+    report = specialist.report()
+    own = specialist.image_vertical == vertical
+    specialist_top1 = _mean(specialist.hits(1)[own])
+    generalist_top1 = _mean(generalist.hits(1)[own])
     report["vertical"] = int(vertical)
-    report["vertical_name"] = vertical_names[vertical]
+    report["vertical_name"] = specialist.vertical_names[vertical]
     report["own_vertical"] = {
-        "num_images": int(own.size),
+        "num_images": int(np.count_nonzero(own)),
         "top1": specialist_top1,
         "generalist_top1": generalist_top1,
         "gain": specialist_top1 - generalist_top1,
@@ -231,30 +349,149 @@ def ensemble_reports(
         KCError: the number of specialists differs from the number of
             verticals.
     """
-    if len(specialist_probs) != len(vertical_names):
-        raise KCError(
-            f"got {len(specialist_probs)} specialist outputs for "
-            f"{len(vertical_names)} verticals; pass one per vertical"
-        )
-    rules = {"routed": routed_scores, "full": full_ensemble_scores}
-    return {
-        name: accuracy_report(
-            rule(generalist_probs, specialist_probs, class_vertical),
+    counter = EnsembleCounter(class_vertical, vertical_names, ks)
+    counter.update(generalist_probs, specialist_probs, labels)
+    return counter.reports()
+
+
+class EnsembleCounter:
+    """Hits of the routed and full teacher ensembles, batch by batch.
+
+    Args:
+        class_vertical: vertical index of each class.
+        vertical_names: name of each vertical.
+        ks: the k values to report.
+        rules: the ensembles to score, keys of `RULES`.
+
+    Raises:
+        KCError: an unknown rule name.
+    """
+
+    RULES = {"routed": routed_scores, "full": full_ensemble_scores}
+
+    def __init__(
+        self, class_vertical, vertical_names, ks=TOP_K, rules=tuple(RULES)
+    ):
+        unknown = sorted(set(rules) - set(self.RULES))
+        if unknown:
+            raise KCError(
+                f"unknown ensemble rule {unknown[0]!r}; expected one of "
+                f"{', '.join(self.RULES)}"
+            )
+        self.class_vertical = np.asarray(class_vertical)
+        self.num_verticals = len(vertical_names)
+        self.counters = {
+            name: AccuracyCounter(class_vertical, vertical_names, ks)
+            for name in rules
+        }
+
+    def update(self, generalist_probs, specialist_probs, labels):
+        """Combine the teachers' probabilities of one batch and count hits.
+
+        Args:
+            generalist_probs: (batch, num_classes) probabilities.
+            specialist_probs: one (batch, vertical_size + 1) probability
+                array per vertical.
+            labels: (batch,) true class indices.
+
+        Raises:
+            KCError: the number of specialists differs from the number of
+                verticals.
+        """
+        if len(specialist_probs) != self.num_verticals:
+            raise KCError(
+                f"got {len(specialist_probs)} specialist outputs for "
+                f"{self.num_verticals} verticals; pass one per vertical"
+            )
+        for name, counter in self.counters.items():
+            scores = self.RULES[name](
+                generalist_probs, specialist_probs, self.class_vertical
+            )
+            counter.update(scores, labels)
+
+    def reports(self):
+        """Return `{rule name: accuracy_report dict}`."""
+        return {name: c.report() for name, c in self.counters.items()}
+
+
+def stream_teacher_reports(batches, class_vertical, vertical_names, ks=TOP_K):
+    """Score the generalist, every specialist and both ensembles.
+
+    Only one batch of outputs is held at a time.
+
+    Args:
+        batches: iterable of `(labels, generalist_logits,
+            specialist_logits)` per batch of images: true class indices
+            (batch,), generalist logits (batch, num_classes) and a list of
+            (batch, vertical_size + 1) logits, one per vertical.
+        class_vertical: vertical index of each class.
+        vertical_names: name of each vertical.
+        ks: the k values to report.
+
+    Returns:
+        `{"num_images", "models": {"generalist": report, "specialist_<k>":
+        report}, "ensembles": {"routed": report, "full": report}}` with the
+        reports of `accuracy_report` and `specialist_report`.
+
+    Raises:
+        KCError: shapes do not match, a label is out of range, or the
+            number of specialists differs from the number of verticals.
+    """
+    class_vertical = np.asarray(class_vertical)
+    names = tuple(vertical_names)
+    label_maps = [
+        specialist_label_map(class_vertical, v) for v in range(len(names))
+    ]
+    generalist = AccuracyCounter(class_vertical, names, ks)
+    specialists = [AccuracyCounter(class_vertical, names, ks) for _ in names]
+    ensembles = EnsembleCounter(class_vertical, names, ks)
+    num_images = 0
+    for labels, generalist_logits, specialist_logits in batches:
+        labels = np.asarray(labels)
+        if len(specialist_logits) != len(names):
+            raise KCError(
+                f"got {len(specialist_logits)} specialist outputs for "
+                f"{len(names)} verticals; pass one per vertical"
+            )
+        num_images += len(labels)
+        generalist.update(generalist_logits, labels)
+        for v, logits in enumerate(specialist_logits):
+            specialists[v].update(logits, label_maps[v][labels], labels)
+        ensembles.update(
+            softmax(generalist_logits),
+            [softmax(logits) for logits in specialist_logits],
             labels,
-            class_vertical,
-            vertical_names,
-            ks,
         )
-        for name, rule in rules.items()
+    models = {"generalist": generalist.report()}
+    for v, counter in enumerate(specialists):
+        models[f"specialist_{v}"] = specialist_summary(counter, generalist, v)
+    return {
+        "num_images": num_images,
+        "models": models,
+        "ensembles": ensembles.reports(),
     }
 
 
 def confusion_matrix(scores, labels, num_classes):
     """Return the (num_classes, num_classes) count matrix, rows = true."""
     scores, labels = _check(scores, labels)
-    predicted = np.argmax(scores, axis=1)
+    return confusion_counts(np.argmax(scores, axis=1), labels, num_classes)
+
+
+def confusion_counts(predicted, labels, num_classes):
+    """Return the confusion count matrix of predicted class indices.
+
+    Args:
+        predicted: (num_images,) predicted class indices (argmax of the
+            scores), so the scores can be reduced batch by batch.
+        labels: (num_images,) true class indices.
+        num_classes: size of both axes.
+
+    Returns:
+        A (num_classes, num_classes) int64 array, rows are true classes.
+    """
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, predicted), 1)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
     return matrix
 
 

@@ -1,6 +1,7 @@
 """Tests of the numpy accuracy metrics on fixed arrays."""
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -187,3 +188,152 @@ def test_softmax_rows_sum_to_one():
 def test_json_safe_replaces_nan():
     data = {"a": float("nan"), "b": [1.0, float("nan")], "c": "x"}
     assert evaluation.json_safe(data) == {"a": None, "b": [1.0, None], "c": "x"}
+
+
+def _sorted_rank(scores, labels):
+    # The definition `label_rank` must match: a stable descending sort.
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.array(
+        [
+            list(row).index(label)
+            for row, label in zip(order, labels, strict=True)
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([0.0, 1.0, 2.0]),
+        np.array([0.0, 1.0]),
+        np.array([0.0, 1.0, np.nan]),
+    ],
+    ids=["three-values-with-ties", "two-values", "nan-scores"],
+)
+def test_label_rank_matches_stable_sort(values):
+    rng = np.random.default_rng(0)
+    scores = rng.choice(values, size=(200, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=200)
+    rank = evaluation.label_rank(scores, labels)
+    np.testing.assert_array_equal(rank, _sorted_rank(scores, labels))
+
+
+def _random_teacher_batches(num_images, batch_size, seed=0):
+    # Random logits of 12 classes in verticals (0, 0, 0, 0, 1, 1, 1, 1, 2,
+    # ...), rounded so ties occur.
+    rng = np.random.default_rng(seed)
+    class_vertical = np.repeat(np.arange(3), 4)
+    labels = rng.integers(0, 12, size=num_images)
+    generalist = np.round(rng.normal(size=(num_images, 12)), 1)
+    specialists = [
+        np.round(rng.normal(size=(num_images, 5)), 1) for _ in range(3)
+    ]
+    batches = [
+        (
+            labels[start : start + batch_size],
+            generalist[start : start + batch_size],
+            [s[start : start + batch_size] for s in specialists],
+        )
+        for start in range(0, num_images, batch_size)
+    ]
+    return class_vertical, labels, generalist, specialists, batches
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 50], ids=["1", "7", "all"])
+def test_stream_teacher_reports_match_dense(batch_size):
+    class_vertical, labels, generalist, specialists, batches = (
+        _random_teacher_batches(50, batch_size)
+    )
+    names = ("x", "y", "z")
+    streamed = evaluation.stream_teacher_reports(batches, class_vertical, names)
+    assert streamed["num_images"] == 50
+    assert streamed["models"]["generalist"] == evaluation.accuracy_report(
+        generalist, labels, class_vertical, names
+    )
+    for v, logits in enumerate(specialists):
+        expected = evaluation.specialist_report(
+            logits, generalist, labels, class_vertical, names, v
+        )
+        assert streamed["models"][f"specialist_{v}"] == expected
+    dense = evaluation.ensemble_reports(
+        evaluation.softmax(generalist),
+        [evaluation.softmax(s) for s in specialists],
+        labels,
+        class_vertical,
+        names,
+    )
+    assert streamed["ensembles"] == dense
+
+
+def _large_teacher_batches(num_images, num_classes, num_verticals, batch):
+    """Yield teacher logits whose accuracies are known.
+
+    The generalist ranks the label first on even images and second, behind
+    the next class of the same vertical, on odd images. Every specialist
+    ranks the local label first on its own vertical's images and the
+    dustbin first on the others.
+    """
+    size = num_classes // num_verticals
+    for start in range(0, num_images, batch):
+        index = np.arange(start, min(start + batch, num_images))
+        labels = index * 10 % num_classes
+        generalist = np.zeros((len(index), num_classes), np.float32)
+        rows = np.arange(len(index))
+        odd = index % 2 == 1
+        generalist[rows, labels] = np.where(odd, 4.0, 5.0)
+        generalist[rows[odd], labels[odd] + 1] = 5.0
+        specialists = []
+        for v in range(num_verticals):
+            logits = np.zeros((len(index), size + 1), np.float32)
+            local = np.where(labels // size == v, labels - v * size, size)
+            logits[rows, local] = 5.0
+            specialists.append(logits)
+        yield labels, generalist, specialists
+
+
+def test_stream_teacher_reports_20k_classes_bounded_memory():
+    num_images, num_classes, num_verticals, batch = 2000, 20_000, 4, 50
+    class_vertical = np.arange(num_classes) * num_verticals // num_classes
+    names = tuple(f"v{v}" for v in range(num_verticals))
+    tracemalloc.start()
+    try:
+        reports = evaluation.stream_teacher_reports(
+            _large_teacher_batches(
+                num_images, num_classes, num_verticals, batch
+            ),
+            class_vertical,
+            names,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One dense float32 array of images x classes takes 160 MB; a batch
+    # of every output with its temporaries stays far below half of it.
+    dense_bytes = num_images * num_classes * 4
+    assert peak < dense_bytes / 2
+
+    generalist = reports["models"]["generalist"]
+    assert generalist["num_images"] == num_images
+    assert generalist["top1"] == pytest.approx(0.5)
+    assert generalist["top5"] == pytest.approx(1.0)
+    assert generalist["per_vertical"]["v0"]["num_images"] == 500
+
+    specialist = reports["models"]["specialist_2"]
+    assert specialist["top1"] == pytest.approx(1.0)
+    assert specialist["own_vertical"]["num_images"] == 500
+    assert specialist["own_vertical"]["gain"] == pytest.approx(0.5)
+
+    assert reports["ensembles"]["routed"]["top1"] == pytest.approx(1.0)
+    assert reports["ensembles"]["full"]["top1"] == pytest.approx(1.0)
+
+
+def test_ensemble_counter_rejects_unknown_rule():
+    with pytest.raises(KCError, match="unknown ensemble rule 'mean'"):
+        evaluation.EnsembleCounter(CLASS_VERTICAL, VERTICALS, rules=("mean",))
+
+
+def test_confusion_counts_match_confusion_matrix():
+    counts = evaluation.confusion_counts(np.argmax(SCORES, axis=1), LABELS, 4)
+    np.testing.assert_array_equal(
+        counts, evaluation.confusion_matrix(SCORES, LABELS, 4)
+    )

@@ -465,6 +465,15 @@ def test_clusters_provisional_taxonomy(tmp_path):
     assert len(loaded.specialists) == 2
 
 
+def test_cluster_limit_rejected_before_training(tmp_path, monkeypatch):
+    dataset = make_dataset(provisional=True)
+    limit = dataset.taxonomy.num_classes - 1
+    monkeypatch.setattr(teachers, "MAX_CLUSTER_CLASSES", limit)
+    with pytest.raises(KCError, match=f"limit of {limit} classes"):
+        teachers.train_teachers(dataset, tmp_path, CONFIG)
+    assert not RunDir(tmp_path).generalist_path().exists()
+
+
 @pytest.mark.parametrize(
     "num_verticals, num_classes, expected",
     [(None, 30, 5), (None, 8, 3), (None, 5, 2), (4, 8, 4)],
@@ -528,6 +537,17 @@ def test_cli_trains_and_writes_teachers(tmp_path):
     assert metrics["split"] == "test"
     assert len(metrics["models"]["generalist"]["per_vertical"]) == 3
     assert (run / "logs" / "generalist" / "history.csv").is_file()
+
+
+def test_cli_num_classes_and_num_verticals(tmp_path):
+    run = tmp_path / "run"
+    args = ["--num-classes", "8", "--num-verticals", "2", "--run", str(run)]
+    result = CliRunner().invoke(cli, [*CLI_ARGS, *args])
+    assert result.exit_code == 0, result.output
+    manifest = io_utils.read_json(run / "teachers" / "teachers.json")
+    assert manifest["dataset"]["num_classes"] == 8
+    assert len(manifest["taxonomy"]["class_vertical"]) == 8
+    assert len(manifest["models"]) == 3
 
 
 def test_cli_run_of_other_dataset(tmp_path):

@@ -41,7 +41,14 @@ QUICK_STEPS = 5
     "it, verticals are clustered from the generalist's confusions.",
 )
 @click.option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    help="synthetic only: number of classes (default 30).",
+)
+@click.option(
     "--verticals",
+    "--num-verticals",
+    "verticals",
     type=click.IntRange(min=1),
     help="Number of verticals: of the synthetic dataset, or of the "
     "clustering when an image folder has no taxonomy (default about "
@@ -129,6 +136,7 @@ def teachers(
     run_path,
     path,
     taxonomy_file,
+    num_classes,
     verticals,
     cluster_method,
     backbone,
@@ -187,6 +195,7 @@ def teachers(
         quick=quick,
         seed=seed,
         strict=strict,
+        num_classes=num_classes,
         num_verticals=verticals if dataset_name == "synthetic" else None,
     )
     cluster = teachers_lib.ClusterConfig(
