@@ -2,7 +2,8 @@
 #   make demo                 teachers, student, TFLite exports and benchmark
 #   make test                 the test suite (CI runs exactly this)
 # Variables: DATASET (default trio-30), RUN (default runs/$(DATASET)),
-# QUICK=1 (a few steps on a data subset, for smoke runs).
+# QUICK=1 (a few steps on a data subset, for smoke runs), OVERWRITE=1
+# (replace a run folder of other dataset settings).
 
 DATASET ?= trio-30
 RUN ?= runs/$(DATASET)
@@ -12,6 +13,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 KC := $(VENV)/bin/kc
 QUICK_FLAG := $(if $(filter 1 true yes,$(QUICK)),--quick,)
+# OVERWRITE=1 lets `make teachers` replace a run folder that holds a run
+# with other dataset settings (for example a QUICK=1 run).
+OVERWRITE ?=
+OVERWRITE_FLAG := $(if $(filter 1 true yes,$(OVERWRITE)),--overwrite,)
 STAMP := $(VENV)/.kc-setup-done
 
 # Debian packages: data sets and fonts the loaders read, the browser the
@@ -33,7 +38,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $@
 
 teachers: setup
-	$(KC) teachers --dataset $(DATASET) --run $(RUN) $(QUICK_FLAG)
+	$(KC) teachers --dataset $(DATASET) --run $(RUN) $(QUICK_FLAG) \
+		$(OVERWRITE_FLAG)
 
 distill: teachers
 	$(KC) distill --run $(RUN) $(QUICK_FLAG)

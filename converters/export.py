@@ -8,7 +8,7 @@ model in this process. `qat-int8` needs tf-keras and runs in a subprocess
 import contextlib
 import dataclasses
 import logging
-import sys
+from io import StringIO
 
 import numpy as np
 
@@ -176,10 +176,13 @@ def convert_keras(model, mode, representative=None, options=None):
             tf.uint8 if options.uint8_input else tf.int8
         )
         converter.inference_output_type = tf.int8
-    # Keras prints the exported signature to stdout, which carries the
-    # command's results, so it goes to stderr with the other progress.
-    with contextlib.redirect_stdout(sys.stderr):
-        return bytes(converter.convert())
+    # Keras prints the exported signature (dozens of lines a model) to
+    # stdout, which carries the command's results: log it at debug level.
+    signature = StringIO()
+    with contextlib.redirect_stdout(signature):
+        tflite_bytes = bytes(converter.convert())
+    logger.debug("converter output:\n%s", signature.getvalue())
+    return tflite_bytes
 
 
 def check_integer_io(io, name, options):

@@ -89,12 +89,19 @@ class RunDir:
                 `overwrite` is False.
         """
         if self.run_file.exists():
-            existing = io_utils.read_json(self.run_file).get("dataset")
+            existing = io_utils.read_json(self.run_file).get("dataset") or {}
             if existing != dataset_spec and not overwrite:
+                differences = ", ".join(
+                    f"{key}={existing.get(key)!r} "
+                    f"(now {dataset_spec.get(key)!r})"
+                    for key in sorted(set(existing) | set(dataset_spec))
+                    if existing.get(key) != dataset_spec.get(key)
+                )
                 raise KCError(
-                    f"run folder {self.root} holds a run of dataset "
-                    f"{existing}, not {dataset_spec}; pick another --run "
-                    "folder or pass --overwrite"
+                    f"run folder {self.root} holds a run with other dataset "
+                    f"settings: {differences}; pick another run folder "
+                    "(--run, or RUN= with make), or replace it with "
+                    "--overwrite (OVERWRITE=1 with make)"
                 )
         self.root.mkdir(parents=True, exist_ok=True)
         io_utils.write_json(self.run_file, {"dataset": dataset_spec})

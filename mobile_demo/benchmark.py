@@ -1322,9 +1322,9 @@ def render_markdown(report):
             f"## {threads} thread(s)",
             "",
             "| System | Top-1 | Top-5 | Median ms | p90 ms | p99 ms | "
-            "Mean ms | Std ms | Load ms | Size KiB | Peak RSS MiB | "
+            "Min ms | Mean ms | Std ms | Load ms | Size KiB | Peak RSS MiB | "
             "Above baseline MiB | OS threads started |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for system in report["systems"]:
             accuracy = system.get("accuracy") or {}
@@ -1336,6 +1336,7 @@ def render_markdown(report):
                 f"{_fmt(latency.get('median'))} | "
                 f"{_fmt(latency.get('p90'))} | "
                 f"{_fmt(latency.get('p99'))} | "
+                f"{_fmt(latency.get('min'))} | "
                 f"{_fmt(latency.get('mean'))} | "
                 f"{_fmt(latency.get('std'))} | "
                 f"{_fmt(measured.get('load_ms'), 1)} | "
@@ -1445,7 +1446,13 @@ def _render_targets(report):
         )
     met = sum(t["met"] is True for t in targets)
     missed = sum(t["met"] is False for t in targets)
-    lines += ["", f"{met} target(s) met, {missed} not met."]
+    lines += [
+        "",
+        "Latency values and limits are median milliseconds at batch 1; "
+        "top-1 values are fractions of the test images.",
+        "",
+        f"{met} target(s) met, {missed} not met.",
+    ]
     return lines
 
 
@@ -1892,7 +1899,7 @@ def main(argv=None):
             datefmt="%H:%M:%S",
             stream=sys.stderr,
         )
-    command = " ".join(["python", "mobile_demo/benchmark.py"] + argv)
+    command = " ".join(["python", sys.argv[0]] + argv)
     try:
         if args.worker:
             result = run_worker(json.loads(sys.stdin.read()))

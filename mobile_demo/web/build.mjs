@@ -155,6 +155,9 @@ function build(modelPath, outFolder) {
   const parent = path.dirname(outFolder);
   fs.mkdirSync(parent, { recursive: true });
   const temporary = fs.mkdtempSync(path.join(parent, `.${path.basename(outFolder)}.`));
+  // mkdtemp creates the folder as 0700; a web server running as another
+  // user must be able to read the finished build.
+  fs.chmodSync(temporary, 0o755);
   let info;
   try {
     info = writeBuild(temporary, bytes, metadata, modelPath);
