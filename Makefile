@@ -42,7 +42,7 @@ teachers: setup
 		$(OVERWRITE_FLAG)
 
 distill: teachers
-	$(KC) distill --run $(RUN) $(QUICK_FLAG)
+	$(KC) distill --run $(RUN) --baselines $(QUICK_FLAG)
 
 tflite: setup
 	$(KC) tflite --run $(RUN) $(QUICK_FLAG)
