@@ -495,6 +495,22 @@ def confusion_counts(predicted, labels, num_classes):
     return matrix
 
 
+def log_progress(start, batch_size, total):
+    """Log at every tenth of the images scored batch by batch.
+
+    Scoring 100,000 test images at 100,000 classes takes minutes.
+
+    Args:
+        start: index of the batch's first image.
+        batch_size: images in the batch.
+        total: images to score.
+    """
+    step = max(1, total // 10)
+    done = start + batch_size
+    if done == total or done // step != start // step:
+        logger.info("scored %d of %d images", done, total)
+
+
 def json_safe(obj):
     """Return `obj` with NaN floats replaced by None, for strict JSON."""
     if isinstance(obj, dict):

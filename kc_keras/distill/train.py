@@ -363,6 +363,7 @@ def score_models(dataset, teachers, students):
             for model in teachers.specialists
         ]
         routed.update(generalist_probs, specialist_probs, labels)
+        evaluation.log_progress(start, len(labels), len(test))
     reports = {name: counter.report() for name, counter in counters.items()}
     reports["generalist"] = generalist.report()
     reports["routed_ensemble"] = routed.reports()["routed"]

@@ -782,6 +782,8 @@ def evaluate_teachers(generalist, specialists, dataset, split="test"):
                 training.predict_logits(generalist, images),
                 [training.predict_logits(s, images) for s in specialists],
             )
+            # The consumer asks for the next batch once this one is scored.
+            evaluation.log_progress(start, len(images), len(data))
 
     reports = evaluation.stream_teacher_reports(
         batches(), taxonomy.class_vertical, taxonomy.vertical_names
