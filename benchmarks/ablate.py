@@ -636,7 +636,8 @@ def summarize(cells, variants):
         (per seed), `mean`, `std`, `diff` (mean minus the default's
         mean), `exceeds_spread` (True, False or None when either side has
         fewer than 2 seeds), `welch_p`, `parameters` and
-        `mean_train_seconds`. Variants without cells get `mean` None.
+        `mean_train_seconds`. Variants without cells get `mean` None, and
+        the default's row has no comparison (`diff` None).
     """
     by_variant = {name: [] for name in variants}
     for cell in cells:
@@ -665,7 +666,11 @@ def summarize(cells, variants):
                     if found
                     else None
                 ),
-                **compare(top1, default_top1),
+                **(
+                    compare(top1, default_top1)
+                    if name != DEFAULT_VARIANT
+                    else {"diff": None, "exceeds_spread": None, "welch_p": None}
+                ),
             }
         )
     return rows
@@ -823,9 +828,10 @@ def _variant_table(rows):
         if row["std"] is not None:
             mean += f" ± {_percent(row['std'])}"
         exceeds = {True: "yes", False: "no", None: "n/a"}[row["exceeds_spread"]]
-        if row["variant"] == DEFAULT_VARIANT:
-            exceeds = "-"
         welch = "n/a" if row["welch_p"] is None else f"{row['welch_p']:.3f}"
+        diff = _percent(row["diff"], signed=True)
+        if row["variant"] == DEFAULT_VARIANT:
+            exceeds = welch = diff = "-"
         params = row["parameters"]["total"] if row["parameters"] else "n/a"
         seconds = (
             "n/a"
@@ -834,7 +840,7 @@ def _variant_table(rows):
         )
         lines.append(
             f"| {row['variant']} | {row['change']} | {len(row['seeds'])} | "
-            f"{mean} | {_percent(row['diff'], signed=True)} | {exceeds} | "
+            f"{mean} | {diff} | {exceeds} | "
             f"{welch} | {params} | {seconds} |"
         )
     return lines

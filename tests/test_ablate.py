@@ -278,6 +278,9 @@ def test_summarize_sample_std():
         cells_of({"default": [0.1, 0.2, 0.3]}), ("default",)
     )
     assert rows[0]["std"] == pytest.approx(0.1)
+    # The default is not compared with itself.
+    assert rows[0]["diff"] is None
+    assert rows[0]["welch_p"] is None
 
 
 def test_summarize_one_seed_has_no_spread():
