@@ -60,6 +60,9 @@ ABLATION_FOLDER = "ablation"
 # count; a larger relative gap means the head comparison is not fair.
 HEAD_MATCH_TOLERANCE = 0.05
 CELL_FORMAT_VERSION = 1
+# Below this generalist test top-1 the teachers carry too little knowledge
+# for the comparisons to mean anything, so the report prints a warning.
+WEAK_TEACHER_TOP1 = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,7 +707,8 @@ def judge_directions(rows):
             spread.
         reversed: the other variant's mean is higher by more than the
             spread.
-        within spread: the means differ by no more than the spread.
+        within spread, higher / within spread, not higher: the means
+            differ by no more than the spread, with this sign.
         higher, one seed / lower, one seed / equal, one seed: a variant
             has one seed, so only the sign of the difference is known.
         not tested: a variant has no finished cells.
@@ -731,7 +735,11 @@ def judge_directions(rows):
             elif abs(diff) > sum(stds):
                 entry["verdict"] = "holds" if diff > 0 else "reversed"
             else:
-                entry["verdict"] = "within spread"
+                entry["verdict"] = (
+                    "within spread, higher"
+                    if diff > 0
+                    else "within spread, not higher"
+                )
         verdicts.append(entry)
     return verdicts
 
@@ -810,6 +818,14 @@ def render_markdown(report):
         f"Rule: {SPREAD_RULE}.",
         "",
     ]
+    generalist_top1 = report["references"]["generalist_top1"]
+    if generalist_top1 is not None and generalist_top1 < WEAK_TEACHER_TOP1:
+        lines += [
+            f"**Warning:** the generalist scores {_percent(generalist_top1)}% "
+            "top-1 on the test split, so the teachers have little to "
+            "distil and these comparisons test nothing about the method.",
+            "",
+        ]
     lines += _variant_table(report["rows"])
     lines += _teacher_section(report["references"], report["size"])
     lines += _head_section(report["head_match"])
@@ -937,7 +953,7 @@ def plot_report(report, path):
         else ("tab:blue" if row["variant"] == DEFAULT_VARIANT else "tab:cyan")
         for row in rows
     ]
-    figure, axes = plt.subplots(figsize=(8, 4.5))
+    figure, axes = plt.subplots(figsize=(9.5, 4.5))
     axes.bar(names, means, yerr=errors, capsize=4, color=colors)
     references = report["references"]
     levels = []
@@ -963,7 +979,10 @@ def plot_report(report, path):
     )
     axes.tick_params(axis="x", labelrotation=30)
     if levels:
-        axes.legend(loc="lower right", fontsize="small")
+        # Outside the axes, so the legend never hides a bar.
+        axes.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small"
+        )
     figure.tight_layout()
     with io_utils.atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
@@ -1117,6 +1136,7 @@ def _run_or_skip(inputs, variant, seed, config, configs, progress, deadline):
             cell["top1"],
         )
         return cell
+
     if past_deadline(deadline):
         if not progress.stopped:
             logger.warning(
@@ -1124,6 +1144,7 @@ def _run_or_skip(inputs, variant, seed, config, configs, progress, deadline):
             )
         progress.stopped = True
         return None
+
     logger.info(
         "cell %d of %d (%s): training; ETA of the grid %s",
         progress.done + 1,
@@ -1133,6 +1154,7 @@ def _run_or_skip(inputs, variant, seed, config, configs, progress, deadline):
     )
     cell = run_cell(inputs, variant, seed, config, configs[variant], settings)
     io_utils.write_json(path, cell)
+
     progress.done += 1
     progress.trained += 1
     progress.trained_seconds += cell["wall_seconds"]

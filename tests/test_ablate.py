@@ -1,8 +1,8 @@
 """Tests of the ablation grid (benchmarks/ablate.py).
 
-One tiny synthetic run folder (12 classes in 3 verticals, teachers of a
-few steps) is built per module; the grid trains the students in quick
-mode (one epoch of a few steps on the quick data subset).
+The module builds one tiny synthetic run folder: 12 classes in 3
+verticals, with teachers trained for a few steps. The grid then trains its
+students in quick mode, one epoch of a few steps on the quick data subset.
 """
 
 import datetime
@@ -147,6 +147,20 @@ def test_grid_writes_reports(grid):
     assert 0.0 <= references["routed_top1"] <= 1.0
     assert references["ensemble_parameters"] > 0
     assert report["size"]["student_over_ensemble"] > 0
+
+
+def test_markdown_warns_of_weak_teachers(grid):
+    report, _, _ = grid
+    weak = {
+        **report,
+        "references": {**report["references"], "generalist_top1": 0.01},
+    }
+    strong = {
+        **report,
+        "references": {**report["references"], "generalist_top1": 0.9},
+    }
+    assert "**Warning:**" in ablate.render_markdown(weak)
+    assert "**Warning:**" not in ablate.render_markdown(strong)
 
 
 def test_rerun_skips_finished_cells(grid, runs_root, tmp_path):
@@ -312,7 +326,12 @@ def test_welch_p_value_separates_groups():
     ("default", "worse", "verdict"),
     [
         ([0.90, 0.91, 0.92], [0.80, 0.81, 0.82], "holds"),
-        ([0.90, 0.91, 0.92], [0.895, 0.905, 0.915], "within spread"),
+        ([0.90, 0.91, 0.92], [0.895, 0.905, 0.915], "within spread, higher"),
+        (
+            [0.895, 0.905, 0.915],
+            [0.90, 0.91, 0.92],
+            "within spread, not higher",
+        ),
         ([0.80, 0.81, 0.82], [0.90, 0.91, 0.92], "reversed"),
         ([0.90], [0.80], "higher, one seed"),
         ([0.80], [0.90], "lower, one seed"),
@@ -320,7 +339,8 @@ def test_welch_p_value_separates_groups():
     ],
     ids=[
         "holds",
-        "within-spread",
+        "within-spread-higher",
+        "within-spread-lower",
         "reversed",
         "one-seed-up",
         "one-seed-down",
