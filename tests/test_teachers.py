@@ -555,7 +555,7 @@ def test_cli_run_of_other_dataset(tmp_path):
     RunDir(run).claim({"name": "trio-30"})
     result = CliRunner().invoke(cli, [*CLI_ARGS, "--run", str(run)])
     assert result.exit_code == 2
-    assert "holds a run with other dataset settings" in result.output
+    assert "contains a run with other dataset settings" in result.output
     assert "name='trio-30' (now 'synthetic')" in result.output
     assert "--overwrite" in result.output
     assert not (run / "teachers").exists()

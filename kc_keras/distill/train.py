@@ -43,12 +43,6 @@ QUICK_STEPS = 5
 # Steps skipped before timing, so graph tracing does not count.
 WARMUP_STEPS = 3
 TIMING_STEPS = 20
-# Test images scored per step. Evaluation keeps the outputs of one batch
-# of every model only. At 100,000 classes, batches of 64 (25.6 MB per float32
-# array) took 1.8 ms of numpy time per image against 4.4 ms for batches of
-# 256 (2 shared CPU cores), because the allocator reuses the smaller arrays
-# instead of mapping fresh memory for every batch.
-EVALUATION_BATCH_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,9 +341,9 @@ def score_models(dataset, teachers, students):
     )
     # Batch by batch: at 100,000 classes the whole test set's outputs would
     # take 40 GB per model.
-    for start in range(0, len(test), EVALUATION_BATCH_SIZE):
-        images = test.images[start : start + EVALUATION_BATCH_SIZE]
-        labels = test.labels[start : start + EVALUATION_BATCH_SIZE]
+    for start in range(0, len(test), evaluation.EVALUATION_BATCH_SIZE):
+        images = test.images[start : start + evaluation.EVALUATION_BATCH_SIZE]
+        labels = test.labels[start : start + evaluation.EVALUATION_BATCH_SIZE]
         for name, model in students.items():
             counters[name].update(
                 training.predict_logits(model, images), labels

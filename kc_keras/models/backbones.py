@@ -17,7 +17,7 @@ BACKBONES = ("small-cnn", "mobilenet-v3-small", "efficientnet-b0")
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
-    """Which backbone to build and how wide.
+    """Backbone architecture and width.
 
     Attributes:
         name: one of `BACKBONES`. `small-cnn` is sized for 28x28 images on a

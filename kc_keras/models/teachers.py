@@ -47,12 +47,6 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 HEAD_LAYER = "logits"
 CLUSTER_METHODS = ("spectral", "agglomerative")
-# Test images scored per step. Evaluation keeps the outputs of one batch
-# of every model only. At 100,000 classes, batches of 64 (25.6 MB per float32
-# array) took 1.8 ms of numpy time per image against 4.4 ms for batches of
-# 256 (2 shared CPU cores), because the allocator reuses the smaller arrays
-# instead of mapping fresh memory for every batch.
-EVALUATION_BATCH_SIZE = 64
 # Clustering builds a dense (N, N) confusion matrix and several float64
 # copies of it, 0.8 GB each at 10,000 classes. Larger label spaces need a
 # taxonomy file.
@@ -634,8 +628,8 @@ def cluster_taxonomy(generalist, dataset, cluster, seed):
     check_cluster_size(num_classes)
     num_verticals = cluster.resolve_num_verticals(num_classes)
     predicted = []
-    for start in range(0, len(split), EVALUATION_BATCH_SIZE):
-        images = split.images[start : start + EVALUATION_BATCH_SIZE]
+    for start in range(0, len(split), evaluation.EVALUATION_BATCH_SIZE):
+        images = split.images[start : start + evaluation.EVALUATION_BATCH_SIZE]
         logits = training.predict_logits(generalist, images)
         predicted.append(np.argmax(logits, axis=1))
     predicted = np.concatenate(predicted)
@@ -775,10 +769,12 @@ def evaluate_teachers(generalist, specialists, dataset, split="test"):
     data = dataset.split(split)
 
     def batches():
-        for start in range(0, len(data), EVALUATION_BATCH_SIZE):
-            images = data.images[start : start + EVALUATION_BATCH_SIZE]
+        for start in range(0, len(data), evaluation.EVALUATION_BATCH_SIZE):
+            images = data.images[
+                start : start + evaluation.EVALUATION_BATCH_SIZE
+            ]
             yield (
-                data.labels[start : start + EVALUATION_BATCH_SIZE],
+                data.labels[start : start + evaluation.EVALUATION_BATCH_SIZE],
                 training.predict_logits(generalist, images),
                 [training.predict_logits(s, images) for s in specialists],
             )
