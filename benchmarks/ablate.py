@@ -417,12 +417,14 @@ def device_bench_summary(run_root):
     return {"path": str(path), "systems": systems}
 
 
-def student_configs(config, taxonomy):
+def student_configs(config, dataset):
     """Return `{variant name: StudentConfig}` with the fc-fc width fixed.
 
     The fc-fc head gets the hidden width whose parameter count is closest
-    to the fc-sc head's (`matched_fc_hidden`).
+    to the fc-sc head's (`matched_fc_hidden`), and a small-CNN backbone
+    takes the dataset's variant (`backbones.for_dataset`).
     """
+    from kc_keras.models import backbones
     from kc_keras.models import student as student_lib
 
     base = (
@@ -430,6 +432,10 @@ def student_configs(config, taxonomy):
         if config.student
         else student_lib.StudentConfig()
     )
+    base = dataclasses.replace(
+        base, backbone=backbones.for_dataset(base.backbone, dataset.backbone)
+    )
+    taxonomy = dataset.taxonomy
     hidden = base.fc_hidden or student_lib.matched_fc_hidden(base, taxonomy)
     return {
         name: dataclasses.replace(
@@ -1079,7 +1085,7 @@ def run_grid(
     for dataset_name in datasets:
         run_root = Path(runs_root) / dataset_name
         inputs = load_inputs(run_root, config.quick)
-        configs = student_configs(config, inputs.dataset.taxonomy)
+        configs = student_configs(config, inputs.dataset)
         match = head_match(configs, inputs.dataset)
         for _, variant, seed in (c for c in cells if c[0] == dataset_name):
             _run_or_skip(

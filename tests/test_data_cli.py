@@ -100,3 +100,24 @@ def test_describe_reports_bad_input(args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["teachers", "--dataset", "mnist", "--run", "run"],
+            "'mnist' is not one of",
+        ),
+        (["distill", "--bogus"], "No such option '--bogus'"),
+        (["nope"], "No such command 'nope'"),
+    ],
+    ids=["bad-choice", "bad-option", "bad-command"],
+)
+def test_usage_errors_are_one_line(args, expected):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "--help` for the options" in lines[0]

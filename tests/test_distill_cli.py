@@ -121,3 +121,22 @@ def test_missing_run_folder_exits_2(tmp_path):
     result = _invoke("--run", tmp_path / "absent", "--quick")
     assert result.exit_code == 2
     assert "is not a run folder" in result.output
+
+
+def test_seed_orders_the_training_images(run_copy, monkeypatch):
+    from kc_keras.data.base import Dataset
+
+    real_pipeline = Dataset.pipeline
+    seeds = []
+
+    def recording_pipeline(self, split, *args, **kwargs):
+        if split == "train":
+            seeds.append(self.seed)
+        return real_pipeline(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "pipeline", recording_pipeline)
+    result = _invoke("--run", run_copy, "--quick", "--seed", "7")
+    assert result.exit_code == 0, result.output
+    # The run's dataset keeps its own seed 0; the student's training and
+    # the hard-label step timing shuffle with 7.
+    assert seeds == [7, 7]

@@ -1,5 +1,6 @@
 """Tests of the student model, its custom layers and its int8 QAT path."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from distill_helpers import tiny_student
 from distill_helpers import tiny_student_config
 
 from kc_keras.errors import KCError
+from kc_keras.models import backbones
 from kc_keras.models import layers as kc_layers
 from kc_keras.models import student as student_lib
 
@@ -297,3 +299,50 @@ def test_qat_head_converts_to_int8(tmp_path):
     # One hidden and one output Dense per vertical, plus the shared FC.
     assert sc_ops.count("FULLY_CONNECTED") == 7
     assert "CONCATENATION" in sc_ops
+
+
+def test_flatten_backbone_keeps_every_position():
+    average = tiny_student_config().backbone
+    flatten = dataclasses.replace(average, name="small-cnn-flatten")
+    inputs = keras.Input(SMALL_IMAGES.input_shape)
+    pooled = backbones.build_features(inputs, average, SMALL_IMAGES, keras)
+    flat = backbones.build_features(inputs, flatten, SMALL_IMAGES, keras)
+    # One block halves 8x8 to 4x4 with 4 filters.
+    assert tuple(pooled.shape) == (None, 4)
+    assert tuple(flat.shape) == (None, 4 * 4 * 4)
+
+
+def test_flatten_student_copies_to_tf_keras():
+    config = dataclasses.replace(
+        tiny_student_config(),
+        backbone=dataclasses.replace(
+            tiny_student_config().backbone, name="small-cnn-flatten"
+        ),
+    )
+    keras.utils.set_random_seed(0)
+    source = student_lib.build_student(config, INTERLEAVED, SMALL_IMAGES)
+    assert source.get_layer("flatten") is not None
+    target = student_lib.build_student(
+        config, INTERLEAVED, SMALL_IMAGES, tf_keras
+    )
+    student_lib.copy_weights(source, target)
+    images = _images()
+    np.testing.assert_allclose(
+        np.asarray(source(images)), target(images).numpy(), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "name,dataset_backbone,expected",
+    [
+        ("small-cnn", "small-cnn-flatten", "small-cnn-flatten"),
+        ("small-cnn", "small-cnn", "small-cnn"),
+        ("small-cnn-flatten", "small-cnn", "small-cnn-flatten"),
+        ("mobilenet-v3-small", "small-cnn-flatten", "mobilenet-v3-small"),
+        ("small-cnn", "mobilenet-v3-small", "small-cnn"),
+    ],
+)
+def test_backbone_for_dataset(name, dataset_backbone, expected):
+    spec = backbones.BackboneSpec(name=name, filters=8, blocks=3)
+    result = backbones.for_dataset(spec, dataset_backbone)
+    assert result == dataclasses.replace(spec, name=expected)

@@ -593,3 +593,37 @@ def test_cli_help_shows_config_defaults():
         backbone.blocks,
     ):
         assert f"(default {value})" in help_text, value
+
+
+def test_cli_uses_the_dataset_backbone(tmp_path, monkeypatch):
+    import kc_keras.data
+    import kc_keras.distill.train
+
+    real_load = kc_keras.data.load_dataset
+
+    def load_flatten_dataset(*args, **kwargs):
+        dataset = real_load(*args, **kwargs)
+        return dataclasses.replace(dataset, backbone="small-cnn-flatten")
+
+    monkeypatch.setattr(kc_keras.data, "load_dataset", load_flatten_dataset)
+    monkeypatch.setattr(
+        kc_keras.distill.train, "load_dataset", load_flatten_dataset
+    )
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [*CLI_ARGS, "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    manifest = io_utils.read_json(run / "teachers" / "teachers.json")
+    assert manifest["config"]["backbone"]["name"] == "small-cnn-flatten"
+    generalist = training.load_model(run / "teachers" / "generalist.keras")
+    assert generalist.get_layer("flatten") is not None
+
+    result = CliRunner().invoke(
+        cli, ["distill", "--run", str(run), "--quick", "--top-k", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = io_utils.read_json(run / "student" / "metrics.json")
+    assert metrics["student_config"]["backbone"]["name"] == (
+        "small-cnn-flatten"
+    )
+    student = training.load_model(run / "student" / "student.keras")
+    assert student.get_layer("flatten") is not None

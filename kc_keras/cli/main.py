@@ -53,6 +53,15 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (KCError, TFLiteError) as error:
             raise InputError(str(error)) from error
+        except click.UsageError as error:
+            # click prints the usage block before a bad option or value;
+            # the message and where to find the options are enough.
+            command = error.ctx.command_path if error.ctx else ctx.info_name
+            message = error.format_message().rstrip(".")
+            separator = " " if message.endswith("?") else "; "
+            raise InputError(
+                f"{message}{separator}see `{command} --help` for the options"
+            ) from error
 
 
 def configure_logging(verbose):

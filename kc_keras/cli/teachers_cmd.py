@@ -64,9 +64,8 @@ QUICK_STEPS = 5
 @click.option(
     "--backbone",
     type=click.Choice(BACKBONES),
-    default="small-cnn",
-    show_default=True,
-    help="Backbone of every teacher.",
+    help="Backbone of every teacher (default: the dataset's, "
+    "small-cnn-flatten for kanji-2136 and small-cnn otherwise).",
 )
 @click.option(
     "--filters",
@@ -164,7 +163,9 @@ def teachers(
     from kc_keras.models import backbones
     from kc_keras.models import teachers as teachers_lib
 
-    spec = backbones.BackboneSpec(name=backbone, weights=weights)
+    spec = backbones.BackboneSpec(
+        name=backbone or backbones.BackboneSpec.name, weights=weights
+    )
     spec = dataclasses.replace(
         spec,
         **_given(filters=filters, blocks=blocks),
@@ -198,6 +199,13 @@ def teachers(
         num_classes=num_classes,
         num_verticals=verticals if dataset_name == "synthetic" else None,
     )
+    if backbone is None:
+        config = dataclasses.replace(
+            config,
+            backbone=dataclasses.replace(
+                config.backbone, name=dataset.backbone
+            ),
+        )
     cluster = teachers_lib.ClusterConfig(
         num_verticals=verticals, method=cluster_method
     )

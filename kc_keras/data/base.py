@@ -204,6 +204,10 @@ class Dataset:
             (fraction of a full turn) and `stroke` (max pixels of
             dilation or erosion).
         seed: seed of the split and shuffling.
+        backbone: the backbone that suits the images (a name of
+            `kc_keras.models.backbones.BACKBONES`). The teachers use it
+            unless told otherwise and the student takes its small-CNN
+            variant (`backbones.for_dataset`).
         taxonomy_provisional: True when the verticals are a placeholder
             (an image folder without a taxonomy file puts every class in
             one vertical). The caller derives verticals, for example by
@@ -218,6 +222,7 @@ class Dataset:
     splits: dict
     augment: dict | None = None
     seed: int = 0
+    backbone: str = "small-cnn"
     taxonomy_provisional: bool = False
 
     def with_taxonomy(self, taxonomy):

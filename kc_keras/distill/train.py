@@ -28,6 +28,7 @@ from kc_keras.distill.distiller import NonFiniteLossStop
 from kc_keras.distill.distiller import StudentCheckpoint
 from kc_keras.distill.strategy import make_strategy
 from kc_keras.errors import KCError
+from kc_keras.models import backbones
 from kc_keras.models import student as student_lib
 from kc_keras.models import teachers as teachers_lib
 from kc_keras.run import RunDir
@@ -272,7 +273,11 @@ def train_student(
             run_dir, dataset, teachers, trainer, train_config
         )
     else:
-        train = dataset.pipeline("train", train_config.batch_size, repeat=True)
+        # The training seed, not the dataset's, orders and augments the
+        # training images, so students of one run differ by seed.
+        train = dataclasses.replace(dataset, seed=train_config.seed).pipeline(
+            "train", train_config.batch_size, repeat=True
+        )
     validation = dataset.pipeline("validation", train_config.batch_size)
     path = run_dir.student / f"{name}.keras"
     # A run shorter than the warm-up still reports a (tracing-inflated)
@@ -387,7 +392,9 @@ def measure_hard_label_step(
             warmup + timed,
         )
     timer = StepTimer(warmup=warmup)
-    data = dataset.pipeline("train", train_config.batch_size, repeat=True)
+    data = dataclasses.replace(dataset, seed=train_config.seed).pipeline(
+        "train", train_config.batch_size, repeat=True
+    )
     trainer.fit(
         data,
         epochs=1,
@@ -405,7 +412,8 @@ def distill_run(
 
     Args:
         run_path: the run folder.
-        student_config: a `StudentConfig`.
+        student_config: a `StudentConfig`. A small-CNN backbone takes the
+            dataset's variant (`backbones.for_dataset`).
         loss_config: a `LossConfig`.
         train_config: a `TrainConfig`.
         options: a `RunOptions`.
@@ -428,6 +436,12 @@ def distill_run(
         strategy = make_strategy(train_config.strategy)
         with strategy.scope():
             dataset, teachers = load_run_inputs(run_dir)
+        student_config = dataclasses.replace(
+            student_config,
+            backbone=backbones.for_dataset(
+                student_config.backbone, dataset.backbone
+            ),
+        )
         # Validates top-K against the vertical sizes before any training.
         loss_config.specialist_top_k(dataset.taxonomy)
         with workers.writable_run_dir(run_dir, strategy) as output_dir:

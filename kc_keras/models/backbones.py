@@ -12,7 +12,17 @@ from kc_keras.errors import KCError
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("small-cnn", "mobilenet-v3-small", "efficientnet-b0")
+BACKBONES = (
+    "small-cnn",
+    "small-cnn-flatten",
+    "mobilenet-v3-small",
+    "efficientnet-b0",
+)
+# The small CNNs differ only in how the last feature map becomes a vector:
+# `small-cnn` averages it over space, `small-cnn-flatten` keeps every
+# position, which characters need because their class depends on where
+# each stroke lies.
+SMALL_CNNS = ("small-cnn", "small-cnn-flatten")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,10 +31,13 @@ class BackboneSpec:
 
     Attributes:
         name: one of `BACKBONES`. `small-cnn` is sized for 28x28 images on a
-            CPU; the `keras.applications` models suit larger RGB images.
-        filters: filters of the first `small-cnn` block; each later block
+            CPU and averages its last feature map over space;
+            `small-cnn-flatten` flattens it instead, for images whose class
+            depends on the position of their parts (characters). The
+            `keras.applications` models suit larger RGB images.
+        filters: filters of the first small-CNN block; each later block
             doubles them.
-        blocks: number of `small-cnn` blocks (two 3x3 convolutions and a
+        blocks: number of small-CNN blocks (two 3x3 convolutions and a
             2x2 max pooling each).
         weights: path to a local weights file for a `keras.applications`
             backbone, or None for random initialisation. Nothing is ever
@@ -77,7 +90,7 @@ def build_features(inputs, spec, preprocessing, keras_module, prefix=""):
         A rank-2 feature tensor (batch, features).
     """
     layers = keras_module.layers
-    if spec.name == "small-cnn":
+    if spec.name in SMALL_CNNS:
         x = rescale(inputs, preprocessing, keras_module, f"{prefix}rescale")
         filters = spec.filters
         for block in range(spec.blocks):
@@ -90,6 +103,8 @@ def build_features(inputs, spec, preprocessing, keras_module, prefix=""):
                 x = layers.ReLU(name=f"{name}_relu")(x)
             x = layers.MaxPooling2D(2, name=f"{prefix}block{block + 1}_pool")(x)
             filters *= 2
+        if spec.name == "small-cnn-flatten":
+            return layers.Flatten(name=f"{prefix}flatten")(x)
         return layers.GlobalAveragePooling2D(name=f"{prefix}pool")(x)
     application = {
         "mobilenet-v3-small": keras_module.applications.MobileNetV3Small,
@@ -108,3 +123,23 @@ def build_features(inputs, spec, preprocessing, keras_module, prefix=""):
     )
     base.name = f"{prefix}{base.name}"
     return base(inputs)
+
+
+def for_dataset(spec, dataset_backbone):
+    """Return `spec` with the small-CNN variant that the dataset needs.
+
+    A dataset names its backbone in `Dataset.backbone`. When that is a
+    small CNN and `spec` is the default `small-cnn`, the result is the
+    dataset's variant with the widths of `spec`. Any other `spec` comes
+    back unchanged.
+
+    Args:
+        spec: a `BackboneSpec`.
+        dataset_backbone: the dataset's `Dataset.backbone` name.
+
+    Returns:
+        A `BackboneSpec`.
+    """
+    if spec.name == "small-cnn" and dataset_backbone in SMALL_CNNS:
+        return dataclasses.replace(spec, name=dataset_backbone)
+    return spec
