@@ -3,7 +3,8 @@
 #   make test                 the test suite (CI runs exactly this)
 # Variables: DATASET (default trio-30), RUN (default runs/$(DATASET)),
 # QUICK=1 (a few steps on a data subset, for smoke runs), OVERWRITE=1
-# (replace a run folder of other dataset settings).
+# (replace a run folder of other dataset settings), TEACHER_ARGS (more
+# `kc teachers` options, for example --specialist-steps 40).
 
 DATASET ?= trio-30
 RUN ?= runs/$(DATASET)
@@ -17,6 +18,7 @@ QUICK_FLAG := $(if $(filter 1 true yes,$(QUICK)),--quick,)
 # with other dataset settings (for example a QUICK=1 run).
 OVERWRITE ?=
 OVERWRITE_FLAG := $(if $(filter 1 true yes,$(OVERWRITE)),--overwrite,)
+TEACHER_ARGS ?=
 STAMP := $(VENV)/.kc-setup-done
 
 # Debian packages: data sets and fonts the loaders read, the browser the
@@ -39,7 +41,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 teachers: setup
 	$(KC) teachers --dataset $(DATASET) --run $(RUN) $(QUICK_FLAG) \
-		$(OVERWRITE_FLAG)
+		$(OVERWRITE_FLAG) $(TEACHER_ARGS)
 
 distill: teachers
 	$(KC) distill --run $(RUN) --baselines $(QUICK_FLAG)
@@ -126,7 +128,7 @@ ablate: setup
 	@for dataset in $(ABLATE_DATASETS); do \
 		test -f $(ABLATE_RUNS)/$$dataset/teachers/teachers.json || \
 		$(KC) teachers --dataset $$dataset --run $(ABLATE_RUNS)/$$dataset \
-			$(QUICK_FLAG) || exit $$?; \
+			$(QUICK_FLAG) $(TEACHER_ARGS) || exit $$?; \
 	done
 	$(PY) benchmarks/ablate.py --datasets "$(ABLATE_DATASETS)" \
 		--runs-root $(ABLATE_RUNS) --results $(ABLATE_RESULTS) \

@@ -143,12 +143,14 @@ def test_qat_rejects_unsupported_layer(dataset):
 # The real student, with teacher soft targets
 
 
-@pytest.fixture(scope="module")
-def student_run(tmp_path_factory, dataset):
+@pytest.fixture(scope="module", params=["small-cnn", "small-cnn-flatten"])
+def student_run(request, tmp_path_factory, dataset):
     from kc_keras.models.backbones import BackboneSpec
 
     config = student_lib.StudentConfig(
-        backbone=BackboneSpec(filters=4, blocks=1), fc_units=16, sc_width=8
+        backbone=BackboneSpec(name=request.param, filters=4, blocks=1),
+        fc_units=16,
+        sc_width=8,
     )
     model = student_lib.build_student(
         config, dataset.taxonomy, dataset.preprocessing
