@@ -3,8 +3,9 @@
 #   make test                 the test suite (CI runs exactly this)
 # Variables: DATASET (default trio-30), RUN (default runs/$(DATASET)),
 # QUICK=1 (a few steps on a data subset, for smoke runs), OVERWRITE=1
-# (replace a run folder of other dataset settings), TEACHER_ARGS (more
-# `kc teachers` options, for example --specialist-steps 40).
+# (replace a run folder of other dataset settings), TEACHER_ARGS and
+# DISTILL_ARGS (more `kc teachers` and `kc distill` options, for example
+# --specialist-steps 40 and --epochs 30).
 
 DATASET ?= trio-30
 RUN ?= runs/$(DATASET)
@@ -19,6 +20,7 @@ QUICK_FLAG := $(if $(filter 1 true yes,$(QUICK)),--quick,)
 OVERWRITE ?=
 OVERWRITE_FLAG := $(if $(filter 1 true yes,$(OVERWRITE)),--overwrite,)
 TEACHER_ARGS ?=
+DISTILL_ARGS ?=
 STAMP := $(VENV)/.kc-setup-done
 
 # Debian packages: data sets and fonts the loaders read, the browser the
@@ -44,7 +46,7 @@ teachers: setup
 		$(OVERWRITE_FLAG) $(TEACHER_ARGS)
 
 distill: teachers
-	$(KC) distill --run $(RUN) --baselines $(QUICK_FLAG)
+	$(KC) distill --run $(RUN) --baselines $(QUICK_FLAG) $(DISTILL_ARGS)
 
 tflite: setup
 	$(KC) tflite --run $(RUN) $(QUICK_FLAG)
