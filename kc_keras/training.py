@@ -184,6 +184,10 @@ def load_model(path):
     Raises:
         KCError: the file is missing or Keras cannot read it.
     """
+    # Importing the layers module registers the student's custom layers,
+    # so a student loads without the caller importing them first.
+    from kc_keras.models import layers  # noqa: F401
+
     path = Path(path)
     if not path.is_file():
         raise KCError(f"model file not found: {path}")

@@ -346,3 +346,22 @@ def test_backbone_for_dataset(name, dataset_backbone, expected):
     spec = backbones.BackboneSpec(name=name, filters=8, blocks=3)
     result = backbones.for_dataset(spec, dataset_backbone)
     assert result == dataclasses.replace(spec, name=expected)
+
+
+def test_saved_student_loads_in_a_fresh_process(tmp_path):
+    path = tmp_path / "student.keras"
+    tiny_student(INTERLEAVED, SMALL_IMAGES).save(path)
+    script = (
+        "import sys; from kc_keras import training; "
+        "model = training.load_model(sys.argv[1]); "
+        "print('LAYERS', len(model.layers))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "LAYERS" in completed.stdout
