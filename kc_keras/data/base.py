@@ -205,9 +205,9 @@ class Dataset:
             dilation or erosion).
         seed: seed of the split and shuffling.
         backbone: the backbone that suits the images (a name of
-            `kc_keras.models.backbones.BACKBONES`). The teachers use it
-            unless told otherwise and the student takes its small-CNN
-            variant (`backbones.for_dataset`).
+            `kc_keras.models.backbones.BACKBONES`). `kc teachers` uses it
+            when `--backbone` is not given, and a `small-cnn` student takes
+            its small-CNN variant (`backbones.for_dataset`).
         taxonomy_provisional: True when the verticals are a placeholder
             (an image folder without a taxonomy file puts every class in
             one vertical). The caller derives verticals, for example by
