@@ -550,8 +550,9 @@ def run_cell(inputs, variant, seed, config, student_config, settings):
     from kc_keras.run import RunDir
 
     spec = VARIANTS[variant]
-    # The dataset seed drives shuffling and augmentation in the pipeline.
-    dataset = dataclasses.replace(inputs.dataset, seed=seed)
+    # `train_config_for` passes the seed, which also orders and augments
+    # the training images.
+    dataset = inputs.dataset
     name = f"{cell_name(variant, seed)}-{settings_key(settings)}"
     work = RunDir(inputs.run_root / ABLATION_FOLDER)
     options = train_lib.RunOptions(

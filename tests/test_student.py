@@ -348,7 +348,7 @@ def test_backbone_for_dataset(name, dataset_backbone, expected):
     assert result == dataclasses.replace(spec, name=expected)
 
 
-def test_saved_student_loads_in_a_fresh_process(tmp_path):
+def test_student_loads_in_fresh_process(tmp_path):
     path = tmp_path / "student.keras"
     tiny_student(INTERLEAVED, SMALL_IMAGES).save(path)
     script = (

@@ -54,8 +54,8 @@ class LazyGroup(click.Group):
         except (KCError, TFLiteError) as error:
             raise InputError(str(error)) from error
         except click.UsageError as error:
-            # click prints the usage block before a bad option or value;
-            # the message and where to find the options are enough.
+            # click would print the whole usage block before the message.
+            # One line with the message and a pointer to --help is enough.
             command = error.ctx.command_path if error.ctx else ctx.info_name
             message = error.format_message().rstrip(".")
             separator = " " if message.endswith("?") else "; "

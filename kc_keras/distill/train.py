@@ -273,11 +273,7 @@ def train_student(
             run_dir, dataset, teachers, trainer, train_config
         )
     else:
-        # The training seed, not the dataset's, orders and augments the
-        # training images, so students of one run differ by seed.
-        train = dataclasses.replace(dataset, seed=train_config.seed).pipeline(
-            "train", train_config.batch_size, repeat=True
-        )
+        train = _training_pipeline(dataset, train_config)
     validation = dataset.pipeline("validation", train_config.batch_size)
     path = run_dir.student / f"{name}.keras"
     # A run shorter than the warm-up still reports a (tracing-inflated)
@@ -293,6 +289,16 @@ def train_student(
     training.remove_backup(run_dir, name)
     logger.info("saved %s", path)
     return student, history.history, timer.mean
+
+
+def _training_pipeline(dataset, train_config):
+    """Return the repeating training pipeline, shuffled by the training seed.
+
+    The training seed, not the dataset's, orders and augments the images,
+    so students of one run differ by seed.
+    """
+    seeded = dataclasses.replace(dataset, seed=train_config.seed)
+    return seeded.pipeline("train", train_config.batch_size, repeat=True)
 
 
 def _cached_training_data(run_dir, dataset, teachers, trainer, train_config):
@@ -392,9 +398,7 @@ def measure_hard_label_step(
             warmup + timed,
         )
     timer = StepTimer(warmup=warmup)
-    data = dataclasses.replace(dataset, seed=train_config.seed).pipeline(
-        "train", train_config.batch_size, repeat=True
-    )
+    data = _training_pipeline(dataset, train_config)
     trainer.fit(
         data,
         epochs=1,
